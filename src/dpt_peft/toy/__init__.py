@@ -1,0 +1,1 @@
+"""A small, really pre-trained CLIP and few-shot tasks on synthetic images: the embedded default."""

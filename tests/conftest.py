@@ -1,0 +1,60 @@
+"""Tiny CLIPs built from `CLIPConfig` with a tokenizer saved beside them (no Hub access in tests).
+
+Widths differ on purpose (vision 48, text 32, projection 24) so that a mix-up of dimensions fails loudly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+import dpt_peft  # noqa: F401  (registers DPT with PEFT)
+from dpt_peft.toy.tokenizer import build_clip_tokenizer
+
+CLASS_NAMES = ["cat", "dog", "red car", "sea_turtle", "tree"]
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "car", "sea", "turtle", "tree", "x", "bird", "fish"]
+
+
+def tiny_clip_config(vision_width: int = 48, vision_layers: int = 3, text_width: int = 32) -> dict:
+    tokenizer = build_clip_tokenizer(WORDS)
+    return dict(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=32, patch_size=8, hidden_size=vision_width, intermediate_size=96,
+            num_hidden_layers=vision_layers, num_attention_heads=4,
+        ),
+        projection_dim=24,
+    )
+
+
+def save_tiny_clip(path, seed: int = 0, **shape) -> str:
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(**tiny_clip_config(**shape))).eval()
+    model.save_pretrained(path)
+    build_clip_tokenizer(WORDS).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory) -> str:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture
+def clip(clip_path) -> CLIPModel:
+    return CLIPModel.from_pretrained(clip_path).eval()
+
+
+@pytest.fixture
+def pixel_values() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def labels() -> torch.Tensor:
+    return torch.tensor([0, 1, 2, 3])
