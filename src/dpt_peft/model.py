@@ -240,16 +240,18 @@ class DPTModel(BaseTuner):
         self._clear_cache(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Unknown adapter {adapter_name!r}; the adapters are {sorted(self.peft_config)}.")
+        self.check_adapter_names(adapter_name)
         super().delete_adapter(adapter_name)
         self._forget(adapter_name)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+    def check_adapter_names(self, adapter_name: Union[str, list[str]]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapter {unknown[0]!r}; the adapters are {sorted(self.peft_config)}.")
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        self.check_adapter_names(adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def unload(self) -> CLIPModel:

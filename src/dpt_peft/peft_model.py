@@ -55,6 +55,14 @@ class DPTPeftModel(PeftModel):
             output_attentions=output_attentions,
         )
 
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        self.base_model.check_adapter_names(adapter_name)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.check_adapter_names(adapter_name)
+        super().delete_adapter(adapter_name)
+
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
         """`PeftModel.load_adapter`, but a file that cannot be read, or that does not fill every prompt tensor,
         fails with a clear error and leaves no half-loaded adapter behind."""
