@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from peft import PeftModel
 
 from .config import DPTConfig
@@ -95,6 +97,38 @@ class DPTPeftModel(PeftModel):
             self.base_model.unload()
         elif not existed:
             self.delete_adapter(adapter_name)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str | bool] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the adapter files and its model card to `repo_id`.
+
+        transformers' `push_to_hub` replaces the card that `save_pretrained` writes with the one on the Hub (a
+        blank template for a new repo); this keeps ours, which says the method, base model, classes and config.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            operations = [
+                CommitOperationAdd(path_in_repo=str(path.relative_to(folder)), path_or_fileobj=str(path))
+                for path in sorted(Path(folder).rglob("*"))
+                if path.is_file()
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or "Upload DPT adapter",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """PEFT's model card plus what a reader needs: the method, base model, class names and config."""

@@ -1,0 +1,173 @@
+"""Datasets for prompt tuning: loading, checks, few-shot sampling, augmentation, batching.
+
+Images are decoded in the collate function, not by `datasets`, so that an unreadable or corrupt image is
+skipped with a warning naming it (and counted) instead of stopping a long run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+TOY_PREFIX = "toy-"
+
+
+def load_image_dataset(name_or_path: str, seed: int = 0) -> DatasetDict:
+    """A Hub dataset name, a local `imagefolder` directory, or a generated toy task such as `"toy-position"`."""
+    if name_or_path.startswith(TOY_PREFIX):
+        from ..toy.tasks import toy_dataset
+
+        return toy_dataset(name_or_path[len(TOY_PREFIX):], seed=seed)
+    if os.path.isdir(name_or_path):
+        return load_dataset("imagefolder", data_dir=name_or_path)
+    if os.path.sep in name_or_path or name_or_path.startswith("."):
+        raise FileNotFoundError(
+            f"--dataset {name_or_path!r} does not exist; give an existing image folder (one subfolder per class) or "
+            "a Hub dataset name."
+        )
+    return load_dataset(name_or_path)
+
+
+def check_columns(dataset: Dataset, image_column: str, label_column: str) -> None:
+    for flag, column in (("--image_column", image_column), ("--label_column", label_column)):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"The dataset has no column {column!r}; its columns are {dataset.column_names}. Pass the right "
+                f"name with {flag}."
+            )
+
+
+def class_names_of(dataset: Dataset, label_column: str, class_names_file: Optional[str] = None) -> list[str]:
+    """Class names from a file (one per line) or from the label column's `ClassLabel` feature."""
+    if class_names_file:
+        with open(class_names_file, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    raise ValueError(
+        f"Column {label_column!r} is not a ClassLabel, so it names no classes; pass --class_names_file with one "
+        "class name per line."
+    )
+
+
+def check_labels(dataset: Dataset, label_column: str, class_names: list[str]) -> None:
+    labels = np.asarray(dataset[label_column])
+    bad = labels[(labels < 0) | (labels >= len(class_names))]
+    if bad.size:
+        raise ValueError(
+            f"Label {int(bad[0])} in column {label_column!r} is outside the {len(class_names)} class names "
+            f"(0..{len(class_names) - 1}); fix the labels or the class names."
+        )
+
+
+def few_shot_split(
+    dataset: Dataset, label_column: str, class_names: list[str], shots: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """`shots` images per class (seeded) for training, and every other image untouched."""
+    labels = np.asarray(dataset[label_column])
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero(labels == label)
+        if len(members) < shots:
+            raise ValueError(
+                f"Class {name!r} has {len(members)} images, fewer than --shots {shots}; lower --shots or add images."
+            )
+        chosen.extend(rng.choice(members, size=shots, replace=False).tolist())
+    chosen_set = set(chosen)
+    rest = [i for i in range(len(dataset)) if i not in chosen_set]
+    return dataset.select(sorted(chosen)), dataset.select(rest)
+
+
+def undecoded(dataset: Dataset, image_column: str) -> Dataset:
+    """Keep images as bytes/paths; `ImageBatcher` decodes them and skips the ones that fail."""
+    if isinstance(dataset.features[image_column], Image):
+        return dataset.cast_column(image_column, Image(decode=False))
+    return dataset
+
+
+def random_resized_crop(
+    image: PILImage.Image, size: int, rng: np.random.Generator, min_scale: float = 0.08
+) -> PILImage.Image:
+    """Inception-style crop (area `min_scale`-1, ratio 3/4-4/3) resized to `size`, as in CoOp/DPT training."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+            return image.resize((size, size), PILImage.BICUBIC, box=(left, top, left + w, top + h))
+    side = min(width, height)
+    box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
+    return image.resize((size, size), PILImage.BICUBIC, box=box)
+
+
+@dataclass
+class ImageBatcher:
+    """Collate function: decode, augment (training), preprocess with the base model's image processor.
+
+    Augmentation draws from a generator seeded by (seed, epoch, sample), so a resumed run sees the same
+    crops as an uninterrupted one.
+    """
+
+    processor: object
+    image_column: str
+    label_column: str
+    train: bool = False
+    seed: int = 0
+    min_crop_scale: float = 0.08
+    epoch: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def crop_size(self) -> int:
+        crop = getattr(self.processor, "crop_size", None) or {}
+        return int(crop.get("height") or self.processor.size.get("shortest_edge"))
+
+    def _decode(self, value) -> PILImage.Image:
+        if isinstance(value, PILImage.Image):
+            return value.convert("RGB")
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        image = PILImage.open(source)
+        image.load()
+        return image.convert("RGB")
+
+    def __call__(self, rows: list[dict]) -> Optional[dict[str, torch.Tensor]]:
+        images, labels = [], []
+        for row in rows:
+            try:
+                image = self._decode(row[self.image_column])
+            except (OSError, UnidentifiedImageError, ValueError, KeyError) as err:
+                where = row[self.image_column].get("path") if isinstance(row[self.image_column], dict) else None
+                self.skipped.append(str(where))
+                logger.warning("Skipping unreadable image %s (%s)", where, err)
+                continue
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.epoch, int(row["__index__"])])
+                image = random_resized_crop(image, self.crop_size, rng, self.min_crop_scale)
+                if rng.random() < 0.5:
+                    image = image.transpose(PILImage.FLIP_LEFT_RIGHT)
+            images.append(image)
+            labels.append(row[self.label_column])
+        if not images:
+            return None
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def with_index(dataset: Dataset) -> Dataset:
+    """Add `__index__` so augmentation can be seeded per sample."""
+    return dataset.add_column("__index__", list(range(len(dataset))))
