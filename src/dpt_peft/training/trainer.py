@@ -125,21 +125,27 @@ def recipe_lr_factor(base_lr: float, warmup_epochs: int, warmup_lr: float, epoch
     return factor
 
 
-def build_optimizer(model, args: TrainArguments, steps_per_epoch: int):
-    """SGD with two groups: visual prompts + CAVPT, and the text context (METHOD.md section 4)."""
+def build_optimizer(model, args: TrainArguments) -> torch.optim.SGD:
+    """SGD with two groups: visual prompts + CAVPT (first), and the text context (METHOD.md section 4)."""
     text, visual = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (text if ".dpt_context." in name or name.endswith(".dpt_context") else visual).append(parameter)
-    groups = [(visual, args.visual_lr, args.visual_warmup_epochs), (text, args.text_lr, args.text_warmup_epochs)]
-    groups = [g for g in groups if g[0]]
-    optimizer = torch.optim.SGD(
-        [{"params": params, "lr": lr} for params, lr, _ in groups],
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-    )
-    factors = [recipe_lr_factor(lr, warmup, args.warmup_lr, args.epochs, steps_per_epoch) for _, lr, warmup in groups]
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    groups = [
+        {"params": params, "lr": lr, "warmup_epochs": warmup}
+        for params, lr, warmup in ((visual, args.visual_lr, args.visual_warmup_epochs),
+                                   (text, args.text_lr, args.text_warmup_epochs))
+        if params
+    ]
+    return torch.optim.SGD(groups, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.SGD, args: TrainArguments, steps_per_epoch: int):
+    factors = [
+        recipe_lr_factor(group["lr"], group["warmup_epochs"], args.warmup_lr, args.epochs, steps_per_epoch)
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def _register_adapter_only_checkpoints(accelerator: Accelerator) -> None:
@@ -244,9 +250,11 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
     train_loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, generator=generator,
                               collate_fn=train_batcher)
     test_loader = DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    optimizer, scheduler = build_optimizer(model, args, steps_per_epoch)
+    optimizer = build_optimizer(model, args)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    # Stepped once per optimizer update by this loop (not prepared: Accelerate would step it once per process).
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
     _register_adapter_only_checkpoints(accelerator)
 
