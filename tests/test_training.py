@@ -1,0 +1,204 @@
+"""The training loop end to end on the toy task (short runs), resume, metrics, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dpt_peft.training.trainer as trainer_module
+from dpt_peft.metrics import ACCURACY_PATH
+from dpt_peft.toy.shapes import POSITIONS
+from dpt_peft.training.arguments import parse_args
+from dpt_peft.training.cli import evaluate_main, train_main
+from dpt_peft.training.trainer import recipe_lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["--epochs", "3", "--shots", "4", "--report_to", "none", "--eval_batch_size", "300"]
+
+
+def run(output_dir, *extra: str) -> dict:
+    return train_main([*SHORT, "--output_dir", str(output_dir), *extra])
+
+
+def adapter_tensors(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "adapter" / "adapter_model.safetensors")
+
+
+def test_toy_run_writes_adapter_metrics_curve_and_logs(tmp_path):
+    metrics = run(tmp_path, "--report_to", "tensorboard")
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == metrics
+    for key in ("zero_shot_accuracy", "accuracy", "mean_per_class_accuracy", "trainable_parameters",
+                "wall_time_s", "train_images_per_s"):
+        assert key in written
+    assert 0.2 < written["zero_shot_accuracy"] < 1 and 0 <= written["accuracy"] <= 1
+    assert written["num_train_images"] == 4 * len(POSITIONS) and written["num_test_images"] == 600
+    assert written["steps"] == 3 and written["epochs"] == 3
+    assert sorted(written["per_class_accuracy"]) == sorted(POSITIONS)
+    assert (tmp_path / "training_curve.png").stat().st_size > 1000
+    assert list((tmp_path / "dpt_peft").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["guidance"] for h in history] == [True, False, False]  # half of 3 epochs, rounded down
+
+    report = evaluate_main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "eval"),
+                            "--base_to_new"])
+    assert report["accuracy"] == pytest.approx(written["accuracy"])  # the saved adapter gives the same predictions
+    split = report["base_to_new"]
+    assert split["base_classes"] == ["left", "right", "top"] and split["new_classes"] == ["bottom", "center"]
+    assert split["harmonic_mean"] == pytest.approx(
+        2 * split["base_accuracy"] * split["new_accuracy"] / (split["base_accuracy"] + split["new_accuracy"]))
+    assert (tmp_path / "eval" / "per_class_accuracy.png").stat().st_size > 1000
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    run(tmp_path / "straight")
+    original = trainer_module.save_checkpoint
+
+    def save_then_die(accelerator, args, state, identity):
+        original(accelerator, args, state, identity)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(trainer_module, "save_checkpoint", original)
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["epoch_0", "epoch_1"]  # complete checkpoints only, no .partial left
+    run(tmp_path / "resumed", "--resume_from_checkpoint", "latest")
+    straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "resumed" / "history.json").read_text()) == json.loads(
+        (tmp_path / "straight" / "history.json").read_text())
+
+
+def test_checkpoints_hold_the_adapter_not_the_clip(tmp_path):
+    run(tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "epoch_2"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(checkpoint.glob("model*.safetensors")) and not list(checkpoint.glob("pytorch_model*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_1", "epoch_2"]
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    run(tmp_path)
+    with pytest.raises(ValueError, match="made with another config .*text_lr: 0.002 -> 0.01"):
+        run(tmp_path, "--resume_from_checkpoint", "latest", "--text_lr", "0.01")
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        run(tmp_path / "empty", "--resume_from_checkpoint", "latest")
+
+
+def test_output_dir_with_a_different_run_is_refused(tmp_path):
+    run(tmp_path)
+    run(tmp_path)  # the same run again is fine
+    with pytest.raises(ValueError, match=r"holds a different run \(dpt_config.*--overwrite_output_dir"):
+        run(tmp_path, "--num_visual_tokens", "3")
+    run(tmp_path, "--num_visual_tokens", "3", "--overwrite_output_dir")
+    assert json.loads((tmp_path / "run.json").read_text())["dpt_config"]["num_visual_tokens"] == 3
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no dpt_peft run"):
+        run(other)
+
+
+def test_flags_cover_the_config_and_the_toy_defaults():
+    args, overrides = parse_args(["--method", "vpt", "--class_aware_layer", "2", "--class_specific_context"])
+    assert args.method == "vpt" and overrides == {"num_text_tokens": 4, "class_aware_layer": 2,
+                                                  "class_specific_context": True}
+    assert args.augment is False  # a flip would turn "left" into "right"
+    args, overrides = parse_args(["--dataset", "some/hub-dataset", "--augment", "true"])
+    assert args.augment is True and overrides == {}
+    assert args.resolved_guidance_epochs == 30 and args.visual_lr == 0.01 and args.text_lr == 0.002
+
+
+def test_lr_schedule_is_constant_warmup_then_cosine():
+    factor = recipe_lr_factor(0.01, warmup_epochs=2, warmup_lr=1e-5, epochs=10, steps_per_epoch=3)
+    assert [factor(s) for s in range(6)] == pytest.approx([1e-3] * 6)
+    assert factor(6) == pytest.approx(0.5 * (1 + np.cos(np.pi * 2 / 10)))
+    assert factor(29) == pytest.approx(0.5 * (1 + np.cos(np.pi * 9 / 10)))
+
+
+def test_offline_metric_module():
+    metric = evaluate.load(ACCURACY_PATH)
+    result = metric.compute(predictions=[0, 1, 1, 2, 2, 2], references=[0, 1, 2, 2, 2, 0], num_classes=4)
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["per_class_accuracy"] == [0.5, 1.0, pytest.approx(2 / 3), None]
+    assert result["mean_per_class_accuracy"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)
+
+
+def make_image_folder(root: Path, per_class: int = 5, corrupt: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    for name in ("left", "right", "top"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    if corrupt:
+        (root / "left" / "broken.png").write_bytes(b"not a png at all")
+    return root
+
+
+def test_image_folder_with_a_corrupt_image_is_trained_and_counted(tmp_path):
+    folder = make_image_folder(tmp_path / "images", corrupt=True)
+    metrics = run(tmp_path / "out", "--dataset", str(folder), "--shots", "2", "--num_text_tokens", "4")
+    assert metrics["skipped_images"] == 1
+    assert metrics["num_train_images"] + metrics["num_test_images"] + metrics["skipped_images"] == 16
+
+
+@pytest.mark.parametrize(
+    "extra, error, message",
+    [
+        (["--dataset", "./no/such/folder"], FileNotFoundError, "--dataset './no/such/folder' does not exist"),
+        (["--image_column", "picture"], ValueError, r"no column 'picture'.*\['image', 'label'\].*--image_column"),
+        (["--label_column", "y"], ValueError, "no column 'y'.*--label_column"),
+        (["--shots", "40"], ValueError, "Class 'left' has 32 images, fewer than --shots 40"),
+        (["--train_split", "validation"], ValueError, "no split 'validation'.*--train_split"),
+    ],
+)
+def test_bad_training_input(tmp_path, extra, error, message):
+    with pytest.raises(error, match=message):
+        run(tmp_path, *extra)
+    assert not (tmp_path / "run.json").exists()  # failed before any work
+
+
+def test_labels_outside_the_class_names(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    names = tmp_path / "names.txt"
+    names.write_text("left\nright\n")
+    with pytest.raises(ValueError, match=r"Label 2 in column 'label' is outside the 2 class names \(0..1\)"):
+        run(tmp_path / "out", "--dataset", str(folder), "--class_names_file", str(names), "--shots", "2",
+            "--num_text_tokens", "4")
+
+
+def test_two_cpu_processes_with_torchrun(tmp_path):
+    """DDP over two CPU processes (Accelerate needs MPI for `accelerate launch --cpu`, so torchrun starts them)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(REPO / "examples" / "train.py"), *SHORT, "--output_dir", str(tmp_path)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_test_images"] == 600  # gathered once across processes, no duplicates
+    assert metrics["steps"] == 3  # 20 images: one batch of 32 per epoch, split over 2 processes
+    assert completed.stdout.count("zero-shot accuracy") == 1  # printed by the main process only
+
+
+def test_accelerate_launch_single_process(tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(REPO / "examples" / "train.py"), *SHORT, "--output_dir", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_test_images"] == 600
