@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from .shapes import IMAGE_SIZE, VOCABULARY, captions, render
 from .tokenizer import build_clip_tokenizer
@@ -42,7 +42,9 @@ def toy_clip_config(tokenizer: CLIPTokenizer) -> CLIPConfig:
     )
 
 
-def image_processor() -> CLIPImageProcessor:
+def image_processor():
+    from transformers import CLIPImageProcessor  # imported here: without torchvision it logs a fallback notice
+
     return CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=CLIP_MEAN, image_std=CLIP_STD,
