@@ -10,6 +10,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 import dpt_peft  # noqa: F401  (registers DPT with PEFT)
+from dpt_peft.toy.pretrain import image_processor
 from dpt_peft.toy.tokenizer import build_clip_tokenizer
 
 CLASS_NAMES = ["cat", "dog", "red car", "sea_turtle", "tree"]
@@ -37,6 +38,7 @@ def save_tiny_clip(path, seed: int = 0, **shape) -> str:
     model = CLIPModel(CLIPConfig(**tiny_clip_config(**shape))).eval()
     model.save_pretrained(path)
     build_clip_tokenizer(WORDS).save_pretrained(path)
+    image_processor().save_pretrained(path)
     return str(path)
 
 

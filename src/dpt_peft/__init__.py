@@ -5,6 +5,7 @@ and `PeftModel.from_pretrained(clip, path)` work; import it before either.
 """
 
 from .config import DPTConfig
+from .inference import DPTZeroShotPipeline, Prediction, predict
 from .layer import ClassAwarePromptGenerator, TextContextEmbeddings, VisionPromptLayer
 from .model import DPTModel
 from .outputs import DPTOutput
@@ -19,7 +20,10 @@ __all__ = [
     "DPTModel",
     "DPTOutput",
     "DPTPeftModel",
+    "DPTZeroShotPipeline",
+    "Prediction",
     "TextContextEmbeddings",
     "VisionPromptLayer",
+    "predict",
 ]
 __version__ = "0.1.0"
