@@ -139,6 +139,8 @@ def test_forward_input_errors(clip, pixel_values):
         model(input_ids=torch.tensor([[1, 2]]), pixel_values=pixel_values)
     with pytest.raises(ValueError, match="pixel_values is required"):
         model()
+    with pytest.raises(TypeError, match=r"Unexpected argument\(s\) \['label'\]"):
+        model(pixel_values=pixel_values, label=torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"Unknown task 'b'.*\['default'\]"):
         model(pixel_values=pixel_values, task="b")
 

@@ -10,6 +10,7 @@ from .layer import ClassAwarePromptGenerator, TextContextEmbeddings, VisionPromp
 from .model import DPTModel
 from .outputs import DPTOutput
 from .peft_model import DPTPeftModel
+from .prototypes import init_visual_prompts_from_prototypes
 from .registration import register
 
 register()
@@ -24,6 +25,7 @@ __all__ = [
     "Prediction",
     "TextContextEmbeddings",
     "VisionPromptLayer",
+    "init_visual_prompts_from_prototypes",
     "predict",
 ]
 __version__ = "0.1.0"

@@ -77,6 +77,19 @@ class DPTConfig(PeftConfig):
             Std of the normal initialization of random prompts.
         tokenizer_name_or_path (`str`, *optional*):
             CLIP tokenizer to use; `None`: the base model's `name_or_path`.
+        visual_prompt_init (`"random"` or `"prototype"`, defaults to `"random"`):
+            `"prototype"` marks deep visual prompts to be set from the downstream data's tokens before training
+            (SPT, https://arxiv.org/abs/2402.02382); `examples/train.py` runs
+            `init_visual_prompts_from_prototypes` on the few-shot training set.
+        init_from (`list[str]`, *optional*):
+            Source adapters (paths or Hub ids) whose class-agnostic prompts, averaged, initialize this adapter
+            (MVLPT transfer, https://arxiv.org/abs/2211.11720). Class-specific tensors are not copied.
+        pad_text_to_context (`bool`, defaults to `False`):
+            Pad class prompts to the text encoder's full context, as the reference does. The default cuts them
+            after the longest prompt's end token, which gives the same features (causal attention) faster.
+        cache_class_features (`bool`, defaults to `True`):
+            Reuse class features between calls when no gradient is needed, until the prompts or class names
+            change. `False` recomputes them every call, as the reference does.
         vision_hidden_size, vision_num_layers, text_hidden_size, projection_dim (`int`, *optional*):
             Recorded from the base model when the adapter is created; loading into a CLIP with other values fails
             with an error instead of a partial load. Leave them unset.
@@ -112,6 +125,18 @@ class DPTConfig(PeftConfig):
     prompt_init_std: float = field(default=0.02, metadata={"help": "Std of random prompt initialization."})
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "CLIP tokenizer (None: the base model's name_or_path)."}
+    )
+    visual_prompt_init: Literal["random", "prototype"] = field(
+        default="random", metadata={"help": "Deep visual prompt init: 'random' or 'prototype' (SPT)."}
+    )
+    init_from: Optional[list[str]] = field(
+        default=None, metadata={"help": "Source DPT adapters whose shared prompts initialize this one (MVLPT)."}
+    )
+    pad_text_to_context: bool = field(
+        default=False, metadata={"help": "Pad prompts to the full text context (reference; slower, same result)."}
+    )
+    cache_class_features: bool = field(
+        default=True, metadata={"help": "Cache class features at inference until prompts or class names change."}
     )
     vision_hidden_size: Optional[int] = field(default=None, metadata={"help": "Recorded from the base model."})
     vision_num_layers: Optional[int] = field(default=None, metadata={"help": "Recorded from the base model."})
@@ -213,6 +238,10 @@ class DPTConfig(PeftConfig):
             raise ValueError(
                 f"zero_shot_template={self.zero_shot_template!r} must contain exactly one '{{}}' for the class name."
             )
+        if self.visual_prompt_init not in ("random", "prototype"):
+            raise ValueError(f"visual_prompt_init={self.visual_prompt_init!r}; use 'random' or 'prototype'.")
+        if isinstance(self.init_from, str):
+            self.init_from = [self.init_from]
         if self.class_aware_loss_weight < 0:
             raise ValueError(f"class_aware_loss_weight={self.class_aware_loss_weight} must be >= 0.")
         if self.prompt_init_std <= 0:

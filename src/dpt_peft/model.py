@@ -18,6 +18,7 @@ from .class_prompts import PromptLayout, build_prompt_layout, build_template_ids
 from .config import DPTConfig
 from .layer import ClassAwarePromptGenerator, DPTLayer, ForwardState, TextContextEmbeddings, VisionPromptLayer
 from .outputs import DPTOutput
+from .transfer import copy_shared_tensors, shared_source_tensors
 
 TEXT_EMBEDDINGS_KEY = "text_model.embeddings"
 VISION_LAYER_KEY = "vision_model.encoder.layers.{}"
@@ -85,11 +86,26 @@ class DPTModel(BaseTuner):
         tokenizer = self._load_tokenizer(config)
         self._classes[adapter_name] = self._build_classes(config, tokenizer, model)
         self._tokenizers[adapter_name] = tokenizer
+        sources = shared_source_tensors(config.init_from) if config.init_from else None
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
             self._forget(adapter_name)
             raise
+        if sources is not None:
+            try:
+                copy_shared_tensors(self, adapter_name, sources)
+            except ValueError:
+                self._roll_back_injection(adapter_name)
+                raise
+
+    def _roll_back_injection(self, adapter_name: str) -> None:
+        """Remove an adapter that was injected but could not be initialized; the first one leaves no wrapper."""
+        if len(self.peft_config) == 1:
+            self.unload()
+        else:
+            BaseTuner.delete_adapter(self, adapter_name)
+        self._forget(adapter_name)
 
     def _check_base_shape(self, config: DPTConfig, model: CLIPModel) -> None:
         actual = {
@@ -134,6 +150,7 @@ class DPTModel(BaseTuner):
         self, config: DPTConfig, tokenizer: PreTrainedTokenizerBase, model: CLIPModel
     ) -> dict[str, TaskClasses]:
         max_length = self._text_context_length(model)
+        pad_to = max_length if config.pad_text_to_context else None
         num_context = self._num_context(config, tokenizer)
         classes, offset = {}, 0
         for task, names in config.tasks.items():
@@ -141,9 +158,9 @@ class DPTModel(BaseTuner):
             if config.learn_text_context:
                 layout = build_prompt_layout(
                     tokenizer, names, num_context, config.class_token_position, max_length,
-                    class_offset=offset, class_specific=config.class_specific_context,
+                    class_offset=offset, class_specific=config.class_specific_context, pad_to=pad_to,
                 )
-            template_ids = build_template_ids(tokenizer, names, config.zero_shot_template, max_length)
+            template_ids = build_template_ids(tokenizer, names, config.zero_shot_template, max_length, pad_to=pad_to)
             classes[task] = TaskClasses(tuple(names), offset, layout, template_ids)
             offset += len(names)
         return classes
@@ -320,7 +337,7 @@ class DPTModel(BaseTuner):
 
     def _cached(self, key: tuple, stamp: tuple, compute) -> torch.Tensor:
         """Reuse class features while `stamp` (device, dtype, parameter versions) is unchanged and no grad is needed."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.peft_config[key[0]].cache_class_features:
             return compute()
         hit = self._feature_cache.get(key)
         if hit is not None and hit[0] == stamp:

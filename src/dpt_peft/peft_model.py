@@ -20,6 +20,9 @@ from peft import PeftModel
 from .config import DPTConfig
 from .outputs import DPTOutput
 
+# Passed by generic training loops; they do not change a DPT forward.
+IGNORED_FORWARD_ARGUMENTS = {"return_dict", "num_items_in_batch"}
+
 
 class DPTPeftModel(PeftModel):
     """A CLIP adapted by DPT prompts; see [`DPTModel.classify`] for what `forward` computes."""
@@ -45,6 +48,12 @@ class DPTPeftModel(PeftModel):
             raise ValueError(
                 "A DPT adapter classifies images over its class names and takes no input_ids; call "
                 "model(pixel_values=..., labels=...), or use `with model.disable_adapter():` for plain CLIP."
+            )
+        unexpected = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_ARGUMENTS)
+        if unexpected:
+            raise TypeError(
+                f"Unexpected argument(s) {unexpected}; a DPT forward takes pixel_values, labels, task, guidance, "
+                "output_zero_shot_logits and output_attentions."
             )
         if pixel_values is None:
             raise ValueError("pixel_values is required: model(pixel_values=..., labels=...).")

@@ -15,7 +15,8 @@ CONFIG_FLAGS = (
     "num_text_tokens", "text_init", "class_token_position", "class_specific_context", "learn_text_context",
     "num_visual_tokens", "visual_depth", "class_aware", "class_aware_layer", "class_aware_top_k",
     "class_aware_num_kv_tokens", "class_aware_attention_dim", "class_aware_loss_weight", "zero_shot_template",
-    "prompt_init_std", "tokenizer_name_or_path",
+    "prompt_init_std", "tokenizer_name_or_path", "pad_text_to_context", "cache_class_features",
+    "visual_prompt_init", "init_from",
 )
 # DPTConfig values of the embedded toy tasks where the paper's do not fit: the toy CLIP's text context has
 # 16 positions, too few for 16 context tokens plus a class name.
@@ -34,6 +35,13 @@ class TrainArguments:
     dataset: str = field(
         default="toy-position",
         metadata={"help": "Hub dataset, local imagefolder, or a toy task: toy-position, toy-shape, toy-size, toy-colour."},
+    )
+    tasks: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated datasets trained jointly, one task each (multitask); replaces --dataset."},
+    )
+    task_sampling: Literal["proportional", "uniform"] = field(
+        default="proportional", metadata={"help": "Multitask batches: in proportion to task size, or uniform."}
     )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding integer labels."})
@@ -69,6 +77,10 @@ class TrainArguments:
         default=None, metadata={"help": "Epochs of general-knowledge guidance (default: half the epochs)."}
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps per optimizer update."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute CLIP's layer activations in backward: less memory, more time."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "CLIP attention: 'sdpa' or 'eager'."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Through Accelerate."})
     seed: int = field(default=0, metadata={"help": "Seed of few-shot sampling, prompts and augmentation."})
     output_dir: str = field(default="outputs/dpt-toy", metadata={"help": "Adapter, metrics, plots, checkpoints."})
@@ -77,6 +89,10 @@ class TrainArguments:
         default=None, metadata={"help": "'latest' or a checkpoint directory to continue from."}
     )
     checkpoints_to_keep: int = field(default=2, metadata={"help": "Most recent epoch checkpoints kept on disk."})
+    prototype_method: Literal["kmeans", "random", "mean_pool"] = field(
+        default="kmeans", metadata={"help": "How --visual_prompt_init prototype picks tokens (SPT)."}
+    )
+    prototype_max_images: int = field(default=512, metadata={"help": "Images that prototype init looks at."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final adapter to the Hub."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
@@ -91,8 +107,13 @@ class TrainArguments:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/dpt-adapter).")
 
     @property
+    def datasets(self) -> list[str]:
+        """One dataset per task; a single-task run has one."""
+        return [d.strip() for d in self.tasks.split(",") if d.strip()] if self.tasks else [self.dataset]
+
+    @property
     def is_toy_task(self) -> bool:
-        return self.dataset.startswith("toy-")
+        return all(d.startswith("toy-") for d in self.datasets)
 
     @property
     def resolved_guidance_epochs(self) -> int:
@@ -121,6 +142,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint, defa
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         options["choices"] = list(args)
+    elif origin is list:
+        options.update(nargs="+", type=args[0])
     elif hint is bool:
         options.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
     else:

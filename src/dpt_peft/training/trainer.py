@@ -42,6 +42,7 @@ from .data import (
     undecoded,
     with_index,
 )
+from ..prototypes import init_visual_prompts_from_prototypes
 from .evaluation import accuracy_metrics, predict_split
 from .plots import plot_training_curve
 
@@ -58,9 +59,9 @@ class FewShotData:
     class_names: list[str]
 
 
-def load_data(args: TrainArguments) -> FewShotData:
-    """Dataset, class names and the few-shot split, with every check a user could fail."""
-    dataset = load_image_dataset(args.dataset, seed=args.seed)
+def load_data(args: TrainArguments, name: str) -> FewShotData:
+    """One task's dataset, class names and few-shot split, with every check a user could fail."""
+    dataset = load_image_dataset(name, seed=args.seed)
     if args.train_split not in dataset:
         raise ValueError(f"The dataset has no split {args.train_split!r}; its splits are {list(dataset)} (--train_split).")
     pool = dataset[args.train_split]
@@ -72,6 +73,24 @@ def load_data(args: TrainArguments) -> FewShotData:
     check_columns(test, args.image_column, args.label_column)
     check_labels(test, args.label_column, class_names)
     return FewShotData(with_index(undecoded(train, args.image_column)), undecoded(test, args.image_column), class_names)
+
+
+def load_tasks(args: TrainArguments) -> dict[str, FewShotData]:
+    """Every task of the run, keyed by its dataset name."""
+    names = args.datasets
+    if len(set(names)) != len(names):
+        raise ValueError(f"--tasks lists a dataset twice: {names}; give each task once.")
+    return {name: load_data(args, name) for name in names}
+
+
+def task_schedule(loaders: dict, sampling: str, generator: torch.Generator) -> list[str]:
+    """The task of every step of one epoch: each task's batch count (proportional, shuffled), or a uniform draw."""
+    names = list(loaders)
+    total = sum(len(loader) for loader in loaders.values())
+    if sampling == "uniform":
+        return [names[i] for i in torch.randint(len(names), (total,), generator=generator).tolist()]
+    order = [name for name in names for _ in range(len(loaders[name]))]
+    return [order[i] for i in torch.randperm(total, generator=generator).tolist()]
 
 
 def _normalized(value) -> object:
@@ -217,8 +236,38 @@ def load_checkpoint_state(args: TrainArguments, identity: dict) -> tuple[Path, d
     return path, state
 
 
+def _batches(loaders: dict, schedule: list[str]):
+    """(task, batch) pairs following `schedule`; a task's loader restarts when it runs out."""
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    for name in schedule:
+        try:
+            batch = next(iterators[name])
+        except StopIteration:
+            iterators[name] = iter(loaders[name])
+            batch = next(iterators[name])
+        yield name, batch
+
+
+def _task_metrics(model, loader, accelerator: Accelerator, task: Optional[str], class_names: list[str]) -> dict:
+    result = predict_split(model, loader, accelerator, task=task)
+    trained = accuracy_metrics(result["predictions"], result["labels"], len(class_names))
+    zero_shot = accuracy_metrics(result["zero_shot_predictions"], result["labels"], len(class_names))
+    return {
+        "zero_shot_accuracy": zero_shot["accuracy"],
+        "accuracy": trained["accuracy"],
+        "zero_shot_mean_per_class_accuracy": zero_shot["mean_per_class_accuracy"],
+        "mean_per_class_accuracy": trained["mean_per_class_accuracy"],
+        "per_class_accuracy": dict(zip(class_names, trained["per_class_accuracy"])),
+        "num_test_images": int(len(result["labels"])),
+    }
+
+
 def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict:
-    """Train, evaluate, save (and push) a DPT adapter; returns the metrics written to metrics.json."""
+    """Train, evaluate, save (and push) a DPT adapter; returns the metrics written to metrics.json.
+
+    With several tasks (`--tasks`), each batch comes from one task and is classified within that task's
+    classes; metrics are reported per task and as their unweighted mean.
+    """
     start = time.time()
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -228,8 +277,11 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(args.seed)
-    data = load_data(args)
-    config: DPTConfig = make_config(args, data.class_names, config_overrides or {})
+    tasks = load_tasks(args)
+    multitask = len(tasks) > 1
+    class_names = {name: data.class_names for name, data in tasks.items()} if multitask else \
+        next(iter(tasks.values())).class_names
+    config: DPTConfig = make_config(args, class_names, config_overrides or {})
     identity = _normalized(args.run_identity(config))
     checkpoint = None
     if args.resume_from_checkpoint:
@@ -238,7 +290,10 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
 
     model_path = args.model_name_or_path or toy_clip_path()
     processor = AutoImageProcessor.from_pretrained(model_path)
-    model = get_peft_model(CLIPModel.from_pretrained(model_path), config)
+    clip = CLIPModel.from_pretrained(model_path, attn_implementation=args.attn_implementation)
+    if args.gradient_checkpointing:
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(clip, config)
     trainable = model.get_nb_trainable_parameters()[0]
 
     train_batcher = ImageBatcher(
@@ -246,14 +301,24 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
         min_crop_scale=args.min_crop_scale,
     )
     test_batcher = ImageBatcher(processor, args.image_column, args.label_column)
+    if config.visual_prompt_init == "prototype" and checkpoint is None:
+        images = [DataLoader(data.train, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+                  for data in tasks.values()]
+        init_visual_prompts_from_prototypes(
+            model, (batch for loader in images for batch in loader), method=args.prototype_method,
+            max_images=args.prototype_max_images, seed=args.seed,
+        )
     generator = torch.Generator()
-    train_loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, generator=generator,
-                              collate_fn=train_batcher)
-    test_loader = DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+    train_loaders = {name: DataLoader(data.train, batch_size=args.batch_size, shuffle=True, generator=generator,
+                                      collate_fn=train_batcher) for name, data in tasks.items()}
+    test_loaders = {name: DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+                    for name, data in tasks.items()}
     optimizer = build_optimizer(model, args)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_loaders = {name: accelerator.prepare(loader) for name, loader in train_loaders.items()}
+    test_loaders = {name: accelerator.prepare(loader) for name, loader in test_loaders.items()}
     # Stepped once per optimizer update by this loop (not prepared: Accelerate would step it once per process).
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(sum(len(loader) for loader in train_loaders.values()) / args.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
     _register_adapter_only_checkpoints(accelerator)
@@ -276,14 +341,15 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         generator.manual_seed(args.seed * 1_000_003 + epoch)
+        schedule = task_schedule(train_loaders, args.task_sampling, torch.Generator().manual_seed(args.seed + epoch))
         train_batcher.epoch = epoch
         model.train()
         losses, correct, seen = [], 0, 0
-        for batch in train_loader:
+        for task, batch in _batches(train_loaders, schedule):
             if batch is None:
                 continue
             with accelerator.accumulate(model):
-                output = model(**batch, guidance=epoch < guidance_epochs)
+                output = model(**batch, task=task if multitask else None, guidance=epoch < guidance_epochs)
                 accelerator.backward(output.loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -305,21 +371,20 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
                                             "train_seconds": train_seconds}, identity)
     progress.close()
 
-    result = predict_split(model, test_loader, accelerator)
-    num_classes = len(data.class_names)
-    trained = accuracy_metrics(result["predictions"], result["labels"], num_classes)
-    zero_shot = accuracy_metrics(result["zero_shot_predictions"], result["labels"], num_classes)
+    per_task = {name: _task_metrics(model, test_loaders[name], accelerator, name if multitask else None,
+                                    tasks[name].class_names) for name in tasks}
     skipped = train_batcher.skipped + test_batcher.skipped
-    metrics = {
-        "method": args.method,
-        "zero_shot_accuracy": zero_shot["accuracy"],
-        "accuracy": trained["accuracy"],
-        "zero_shot_mean_per_class_accuracy": zero_shot["mean_per_class_accuracy"],
-        "mean_per_class_accuracy": trained["mean_per_class_accuracy"],
-        "per_class_accuracy": dict(zip(data.class_names, trained["per_class_accuracy"])),
+    summary_keys = ("zero_shot_accuracy", "accuracy", "zero_shot_mean_per_class_accuracy", "mean_per_class_accuracy")
+    metrics = {"method": args.method}
+    if multitask:
+        metrics.update({key: sum(m[key] for m in per_task.values()) / len(per_task) for key in summary_keys})
+        metrics["tasks"] = per_task
+        metrics["num_test_images"] = sum(m["num_test_images"] for m in per_task.values())
+    else:
+        metrics.update(next(iter(per_task.values())))
+    metrics.update({
         "trainable_parameters": trainable,
-        "num_train_images": len(data.train),
-        "num_test_images": int(len(result["labels"])),
+        "num_train_images": sum(len(data.train) for data in tasks.values()),
         "skipped_images": len(skipped),
         "epochs": args.epochs,
         "steps": global_step,
@@ -327,7 +392,7 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
         "train_images_per_s": train_images / train_seconds if train_seconds else None,
         "wall_time_s": time.time() - start,
         "final_train_loss": history[-1]["loss"] if history else None,
-    }
+    })
     if skipped:
         logger.warning("Skipped %d unreadable images: %s", len(skipped), skipped[:10])
     output_dir = Path(args.output_dir)
@@ -339,8 +404,9 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
         plot_training_curve(history, str(output_dir / "training_curve.png"))
         accelerator.print(
             f"zero-shot accuracy {100 * metrics['zero_shot_accuracy']:.1f}%  ->  {args.method} accuracy "
-            f"{100 * metrics['accuracy']:.1f}%  ({metrics['num_test_images']} test images, "
-            f"{metrics['wall_time_s']:.0f}s)  written to {output_dir}"
+            f"{100 * metrics['accuracy']:.1f}%  ({metrics['num_test_images']} test images"
+            f"{f', mean of {len(tasks)} tasks' if multitask else ''}, {metrics['wall_time_s']:.0f}s)  written to "
+            f"{output_dir}"
         )
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id)

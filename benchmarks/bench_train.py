@@ -1,0 +1,221 @@
+"""Training and inference throughput of DPT adapters: the reference-style baseline vs our path, in one run.
+
+Baseline (as the reference code): prompts padded to the text encoder's full context, eager attention, fp32,
+class features recomputed at every inference call. Ours: prompts cut after the longest end token, SDPA,
+bf16 autocast on CUDA, class features cached at inference. Both use the same random CLIP of real shape.
+Each (method, classes, path) runs in its own process, so peak memory is its own.
+
+    python benchmarks/bench_train.py --json bench.json                 # ViT-B/16 on CUDA, "small" on CPU
+    python benchmarks/bench_train.py --shape tiny --classes 5 --steps 1 --warmup 0   # seconds, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+SHAPES = {
+    "vit-b16": dict(
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           patch_size=16, image_size=224),
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        projection_dim=512,
+    ),
+    # For 2-core CPUs: ViT-B/16's layout (77-token text context, 224 px) at a quarter of the width and depth.
+    "small": dict(
+        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                           patch_size=32, image_size=224),
+        text_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+        projection_dim=256,
+    ),
+    "tiny": dict(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=16, image_size=32),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=32,
+    ),
+}
+# Dense bf16 peak of known GPUs (TFLOP/s), for the share of peak we reach.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _build(shape: str, method: str, num_classes: int, baseline: bool, tokenizer_dir: str, device: str):
+    from peft import get_peft_model
+    from transformers import CLIPConfig, CLIPModel
+
+    import dpt_peft  # noqa: F401
+    from dpt_peft import DPTConfig
+
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(**SHAPES[shape]))
+    clip.config._attn_implementation = "eager" if baseline else "sdpa"
+    for config in (clip.config, clip.config.text_config, clip.config.vision_config):
+        config._attn_implementation = clip.config._attn_implementation
+    config = DPTConfig.for_method(
+        method, class_names=[f"class {i}" for i in range(num_classes)], tokenizer_name_or_path=tokenizer_dir,
+        pad_text_to_context=baseline, cache_class_features=not baseline,
+    )
+    return get_peft_model(clip, config).to(device)
+
+
+def _resident_peak_mb() -> float:
+    """This process's peak resident memory. (getrusage's ru_maxrss survives fork+exec, so a child would report
+    its parent's peak; VmHWM belongs to the new address space.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(shape: str, method: str, num_classes: int, baseline: bool, batch_size: int, steps: int, warmup: int,
+            tokenizer_dir: str, device: str) -> dict:
+    """One configuration: training step time, inference images/s, FLOPs per step, peak memory."""
+    model = _build(shape, method, num_classes, baseline, tokenizer_dir, device)
+    size = SHAPES[shape]["vision_config"]["image_size"]
+    pixels = torch.randn(batch_size, 3, size, size, device=device)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and not baseline)
+
+    def train_step() -> None:
+        with autocast:
+            loss = model(pixel_values=pixels, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    for _ in range(warmup):
+        train_step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+    _synchronize(device)
+    step_seconds = (time.perf_counter() - start) / steps
+
+    model.eval()
+    with torch.no_grad(), autocast:
+        model(pixel_values=pixels)  # warm-up (and, on our path, the class-feature cache)
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(pixel_values=pixels)
+        _synchronize(device)
+    infer_seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _resident_peak_mb()
+    return {"step_ms": 1000 * step_seconds, "images_per_s": batch_size / step_seconds,
+            "infer_images_per_s": batch_size / infer_seconds, "flops_per_step": counter.get_total_flops(),
+            "peak_mem_mb": peak}
+
+
+def logits_difference(shape: str, method: str, num_classes: int, tokenizer_dir: str, device: str) -> float:
+    """Max |logit| difference between the two paths in fp32 (same weights): our shortcuts must be exact."""
+    results = []
+    for baseline in (True, False):
+        model = _build(shape, method, num_classes, baseline, tokenizer_dir, device).eval()
+        size = SHAPES[shape]["vision_config"]["image_size"]
+        pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.no_grad():
+            results.append(model(pixel_values=pixels).logits.float())
+    return (results[0] - results[1]).abs().max().item()
+
+
+def _child(args: argparse.Namespace) -> None:
+    result = measure(args.shape, args.method, args.num_classes, args.baseline, args.batch_size, args.steps,
+                     args.warmup, args.tokenizer_dir, args.device)
+    if not args.baseline:
+        result["max_logit_diff_fp32"] = logits_difference(args.shape, args.method, args.num_classes,
+                                                          args.tokenizer_dir, args.device)
+    print("RESULT " + json.dumps(result))
+
+
+def _run_child(args, method: str, num_classes: int, baseline: bool, tokenizer_dir: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", "--shape", args.shape, "--device", args.device,
+               "--method", method, "--num_classes", str(num_classes), "--batch_size", str(args.batch_size),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--tokenizer_dir", tokenizer_dir]
+    if baseline:
+        command.append("--baseline")
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark child failed: {' '.join(command)}\n{completed.stderr[-3000:]}")
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default=None,
+                        help="Model shape (default: vit-b16 on CUDA, small on CPU).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", default=["coop", "vpt", "dpt"])
+    parser.add_argument("--classes", nargs="+", type=int, default=[10, 100, 1000])
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="Write the rows here.")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--num_classes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.shape = args.shape or ("vit-b16" if args.device == "cuda" else "small")
+    if args.child:
+        return _child(args)
+
+    from dpt_peft.toy.tokenizer import build_clip_tokenizer
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        build_clip_tokenizer(["class"]).save_pretrained(tokenizer_dir)
+        for method in args.methods:
+            for num_classes in args.classes:
+                base = _run_child(args, method, num_classes, True, tokenizer_dir)
+                ours = _run_child(args, method, num_classes, False, tokenizer_dir)
+                achieved = ours["flops_per_step"] / (ours["step_ms"] / 1000) / 1e12
+                rows.append({
+                    "method": method, "num_classes": num_classes, "shape": args.shape, "device": device_name,
+                    "batch_size": args.batch_size,
+                    "baseline_images_per_s": base["images_per_s"], "images_per_s": ours["images_per_s"],
+                    "speedup": ours["images_per_s"] / base["images_per_s"],
+                    "baseline_step_ms": base["step_ms"], "step_ms": ours["step_ms"],
+                    "baseline_infer_images_per_s": base["infer_images_per_s"],
+                    "infer_images_per_s": ours["infer_images_per_s"],
+                    "infer_speedup": ours["infer_images_per_s"] / base["infer_images_per_s"],
+                    "baseline_peak_mem_mb": base["peak_mem_mb"], "peak_mem_mb": ours["peak_mem_mb"],
+                    "baseline_flops_per_step": base["flops_per_step"], "flops_per_step": ours["flops_per_step"],
+                    "achieved_tflops": achieved, "peak_share": achieved / peak if peak else None,
+                    "max_logit_diff_fp32": ours["max_logit_diff_fp32"],
+                })
+                row = rows[-1]
+                print(f"{method:5} {num_classes:5} classes: train {row['baseline_images_per_s']:8.1f} -> "
+                      f"{row['images_per_s']:8.1f} img/s ({row['speedup']:.2f}x), infer "
+                      f"{row['baseline_infer_images_per_s']:8.1f} -> {row['infer_images_per_s']:8.1f} img/s "
+                      f"({row['infer_speedup']:.2f}x), peak {row['baseline_peak_mem_mb']:.0f} -> "
+                      f"{row['peak_mem_mb']:.0f} MB, |dlogit| {row['max_logit_diff_fp32']:.1e}", flush=True)
+    print(f"device: {device_name}; shape: {args.shape}; batch {args.batch_size}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
