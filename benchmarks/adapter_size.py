@@ -18,24 +18,13 @@ import dpt_peft  # noqa: F401
 from dpt_peft import DPTConfig
 from dpt_peft.toy.tokenizer import build_clip_tokenizer
 
-SHAPES = {
-    "ViT-B/16": dict(
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           patch_size=16, image_size=224),
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        projection_dim=512,
-    ),
-    "ViT-L/14": dict(
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           patch_size=14, image_size=224),
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        projection_dim=768,
-    ),
-}
+from clip_shapes import SHAPES  # noqa: E402  (sibling module; benchmarks run as scripts)
+
+NAMES = {"ViT-B/16": "vit-b16", "ViT-L/14": "vit-l14"}
 
 
 def measure(shape: str, num_classes: int, method: str, tokenizer_dir: str) -> dict:
-    clip = CLIPModel(CLIPConfig(**SHAPES[shape]))
+    clip = CLIPModel(CLIPConfig(**SHAPES[NAMES[shape]]))
     names = [f"class {i}" for i in range(num_classes)]
     model = get_peft_model(clip, DPTConfig.for_method(method, class_names=names, tokenizer_name_or_path=tokenizer_dir))
     trainable, total = model.get_nb_trainable_parameters()
@@ -48,7 +37,7 @@ def measure(shape: str, num_classes: int, method: str, tokenizer_dir: str) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(NAMES), choices=list(NAMES))
     parser.add_argument("--num_classes", nargs="+", type=int, default=[10, 100, 1000])
     parser.add_argument("--methods", nargs="+", default=["coop", "vpt", "vpt_coop", "dpt"])
     parser.add_argument("--json", help="write the rows here")

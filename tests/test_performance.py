@@ -57,7 +57,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(clip_path, pixel_values
         torch.manual_seed(0)
         clip = CLIPModel.from_pretrained(clip_path)
         if checkpointing:
-            clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=3)).train()
         model(pixel_values=pixel_values, labels=labels).loss.backward()
         gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})

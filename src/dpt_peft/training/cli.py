@@ -21,7 +21,7 @@ def evaluate_main(argv: Optional[list[str]] = None) -> dict:
     import argparse
 
     from ..toy.pretrain import toy_clip_path
-    from .data import check_columns, check_labels, class_names_of, load_image_dataset
+    from .data import load_checked_split
     from .evaluation import evaluate_adapter
 
     parser = argparse.ArgumentParser(description=evaluate_main.__doc__,
@@ -42,13 +42,8 @@ def evaluate_main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    dataset = load_image_dataset(args.dataset, seed=args.seed)
-    if args.split not in dataset:
-        raise ValueError(f"The dataset has no split {args.split!r}; its splits are {list(dataset)} (--split).")
-    split = dataset[args.split]
-    check_columns(split, args.image_column, args.label_column)
-    class_names = class_names_of(split, args.label_column, args.class_names_file)
-    check_labels(split, args.label_column, class_names)
+    _, split, class_names = load_checked_split(args.dataset, args.split, args.image_column, args.label_column,
+                                               args.class_names_file, args.seed)
     as_list = lambda text: [n.strip() for n in text.split(",")] if text else None  # noqa: E731
     report = evaluate_adapter(
         args.model_name_or_path or toy_clip_path(), args.adapter, split, class_names, args.image_column,

@@ -38,6 +38,21 @@ def load_image_dataset(name_or_path: str, seed: int = 0) -> DatasetDict:
     return load_dataset(name_or_path)
 
 
+def load_checked_split(
+    name_or_path: str, split: str, image_column: str, label_column: str, class_names_file: Optional[str],
+    seed: int = 0, split_flag: str = "--split",
+) -> tuple[DatasetDict, Dataset, list[str]]:
+    """A dataset's split with its columns, class names and labels checked; also returns the whole dataset."""
+    dataset = load_image_dataset(name_or_path, seed=seed)
+    if split not in dataset:
+        raise ValueError(f"The dataset has no split {split!r}; its splits are {list(dataset)} ({split_flag}).")
+    chosen = dataset[split]
+    check_columns(chosen, image_column, label_column)
+    class_names = class_names_of(chosen, label_column, class_names_file)
+    check_labels(chosen, label_column, class_names)
+    return dataset, chosen, class_names
+
+
 def check_columns(dataset: Dataset, image_column: str, label_column: str) -> None:
     for flag, column in (("--image_column", image_column), ("--label_column", label_column)):
         if column not in dataset.column_names:

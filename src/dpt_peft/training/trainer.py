@@ -32,16 +32,7 @@ import dpt_peft  # noqa: F401  (registers DPT with PEFT)
 from ..config import DPTConfig
 from ..toy.pretrain import toy_clip_path
 from .arguments import TrainArguments, make_config
-from .data import (
-    ImageBatcher,
-    check_columns,
-    check_labels,
-    class_names_of,
-    few_shot_split,
-    load_image_dataset,
-    undecoded,
-    with_index,
-)
+from .data import ImageBatcher, check_columns, check_labels, few_shot_split, load_checked_split, undecoded, with_index
 from ..prototypes import init_visual_prompts_from_prototypes
 from .evaluation import accuracy_metrics, predict_split
 from .plots import plot_training_curve
@@ -61,13 +52,10 @@ class FewShotData:
 
 def load_data(args: TrainArguments, name: str) -> FewShotData:
     """One task's dataset, class names and few-shot split, with every check a user could fail."""
-    dataset = load_image_dataset(name, seed=args.seed)
-    if args.train_split not in dataset:
-        raise ValueError(f"The dataset has no split {args.train_split!r}; its splits are {list(dataset)} (--train_split).")
-    pool = dataset[args.train_split]
-    check_columns(pool, args.image_column, args.label_column)
-    class_names = class_names_of(pool, args.label_column, args.class_names_file)
-    check_labels(pool, args.label_column, class_names)
+    dataset, pool, class_names = load_checked_split(
+        name, args.train_split, args.image_column, args.label_column, args.class_names_file, args.seed,
+        split_flag="--train_split",
+    )
     train, rest = few_shot_split(pool, args.label_column, class_names, args.shots, args.seed)
     test = dataset[args.test_split] if args.test_split and args.test_split in dataset else rest
     check_columns(test, args.image_column, args.label_column)
@@ -292,7 +280,7 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
     processor = AutoImageProcessor.from_pretrained(model_path)
     clip = CLIPModel.from_pretrained(model_path, attn_implementation=args.attn_implementation)
     if args.gradient_checkpointing:
-        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(clip, config)
     trainable = model.get_nb_trainable_parameters()[0]
 
