@@ -89,3 +89,14 @@ def test_benchmark_script_runs_on_a_tiny_model(tmp_path):
     assert row["method"] == "dpt" and row["num_classes"] == 3 and row["flops_per_step"] > 0
     assert row["max_logit_diff_fp32"] < 1e-4
     assert row["speedup"] == pytest.approx(row["images_per_s"] / row["baseline_images_per_s"])
+
+
+def test_torch_compile_trains_like_eager(tmp_path):
+    """`--torch_compile` (inductor through Accelerate): same result as the eager run. Slow on CPU (~2.5 min)."""
+    from dpt_peft.training.cli import train_main
+
+    common = ["--epochs", "2", "--shots", "4", "--report_to", "none"]
+    eager = train_main([*common, "--output_dir", str(tmp_path / "eager")])
+    compiled = train_main([*common, "--output_dir", str(tmp_path / "compiled"), "--torch_compile"])
+    assert compiled["accuracy"] == pytest.approx(eager["accuracy"], abs=0.01)
+    assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-4)

@@ -22,7 +22,8 @@ CONFIG_FLAGS = (
 # 16 positions, too few for 16 context tokens plus a class name.
 TOY_CONFIG_DEFAULTS = {"num_text_tokens": 4}
 # Arguments that may differ between a run and its resumption.
-RESUMABLE = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "report_to")
+RESUMABLE = ("resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "report_to",
+             "torch_compile", "gradient_checkpointing")
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainArguments:
         default=False, metadata={"help": "Recompute CLIP's layer activations in backward: less memory, more time."}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "CLIP attention: 'sdpa' or 'eager'."})
+    torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (inductor)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Through Accelerate."})
     seed: int = field(default=0, metadata={"help": "Seed of few-shot sampling, prompts and augmentation."})
     output_dir: str = field(default="outputs/dpt-toy", metadata={"help": "Adapter, metrics, plots, checkpoints."})

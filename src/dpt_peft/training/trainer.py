@@ -262,6 +262,7 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
+        dynamo_backend="inductor" if args.torch_compile else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(args.seed)
