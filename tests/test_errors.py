@@ -159,3 +159,15 @@ def test_set_class_names_errors_leave_the_label_space_unchanged(clip):
         model.set_class_names(["bird", "fish"])
     assert model.peft_config["default"].class_names == CLASS_NAMES
     assert model.class_names() == CLASS_NAMES
+
+
+def test_a_failed_application_records_no_model_shape(clip, tmp_path):
+    config = DPTConfig(class_names=CLASS_NAMES, visual_depth=4)
+    with pytest.raises(ValueError, match="visual_depth=4"):
+        get_peft_model(clip, config)
+    assert config.vision_hidden_size is None and config.vision_num_layers is None
+    reused = DPTConfig(class_names=CLASS_NAMES)
+    get_peft_model(clip, reused)
+    other = CLIPModel.from_pretrained(save_tiny_clip(tmp_path / "wide", vision_width=64))
+    with pytest.raises(ValueError, match="create a new DPTConfig"), pytest.warns(UserWarning, match="renamed"):
+        get_peft_model(other, reused)

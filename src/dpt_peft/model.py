@@ -80,13 +80,16 @@ class DPTModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Validate everything against the base model first, so a bad config leaves the CLIP untouched."""
         config: DPTConfig = self.peft_config[adapter_name]
-        self._check_base_shape(config, model)
+        base_shape = self._check_base_shape(config, model)
         num_layers = model.config.vision_config.num_hidden_layers
         config.validate_for_model(num_layers, self._text_context_length(model))
         tokenizer = self._load_tokenizer(config)
-        self._classes[adapter_name] = self._build_classes(config, tokenizer, model)
-        self._tokenizers[adapter_name] = tokenizer
+        classes = self._build_classes(config, tokenizer, model)
         sources = shared_source_tensors(config.init_from) if config.init_from else None
+        for key, value in base_shape.items():  # recorded once every check has passed
+            setattr(config, key, value)
+        self._classes[adapter_name] = classes
+        self._tokenizers[adapter_name] = tokenizer
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
@@ -107,7 +110,8 @@ class DPTModel(BaseTuner):
             BaseTuner.delete_adapter(self, adapter_name)
         self._forget(adapter_name)
 
-    def _check_base_shape(self, config: DPTConfig, model: CLIPModel) -> None:
+    def _check_base_shape(self, config: DPTConfig, model: CLIPModel) -> dict[str, int]:
+        """The base model's widths and depth; an error if the config was recorded for other ones."""
         actual = {
             "vision_hidden_size": model.config.vision_config.hidden_size,
             "vision_num_layers": model.config.vision_config.num_hidden_layers,
@@ -119,10 +123,10 @@ class DPTModel(BaseTuner):
             details = ", ".join(f"{k}: adapter {a}, model {m}" for k, (a, m) in mismatched.items())
             raise ValueError(
                 f"This adapter was made for a CLIP of another shape ({details}); load it into the base model it "
-                f"was trained on ({config.base_model_name_or_path or 'see adapter_config.json'})."
+                f"was trained on ({config.base_model_name_or_path or 'see adapter_config.json'}). A DPTConfig "
+                "records the shape of the first CLIP it is applied to: for another CLIP, create a new DPTConfig."
             )
-        for key, value in actual.items():
-            setattr(config, key, value)
+        return actual
 
     @staticmethod
     def _text_context_length(model: CLIPModel) -> int:
