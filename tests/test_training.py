@@ -202,3 +202,50 @@ def test_accelerate_launch_single_process(tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["num_test_images"] == 600
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process; a run with another precision needs it reset (as a new process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_run(tmp_path, fresh_accelerate_state):
+    fp32 = run(tmp_path / "fp32")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    bf16 = run(tmp_path / "bf16", "--mixed_precision", "bf16")
+    assert abs(bf16["zero_shot_accuracy"] - fp32["zero_shot_accuracy"]) < 0.03
+    assert 0.2 < bf16["accuracy"] <= 1.0
+
+
+def test_push_to_hub_after_training(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: uploaded.update(
+        {repo_id: sorted(op.path_in_repo for op in operations)}))
+    run(tmp_path, "--push_to_hub", "--hub_model_id", "someone/dpt-toy")
+    assert uploaded == {"someone/dpt-toy": ["README.md", "adapter_config.json", "adapter_model.safetensors"]}
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        run(tmp_path / "other", "--push_to_hub")
+
+
+def test_a_hub_dataset_name_goes_through_load_dataset(tmp_path, monkeypatch):
+    """The download is faked; everything after `load_dataset` (checks, few-shot split, training) runs for real."""
+    import dpt_peft.training.data as data_module
+    from dpt_peft.toy.tasks import toy_dataset
+
+    requested = []
+    monkeypatch.setattr(data_module, "load_dataset", lambda name: requested.append(name) or toy_dataset("size"))
+    metrics = run(tmp_path, "--dataset", "someone/shapes", "--num_text_tokens", "4", "--augment", "false")
+    assert requested == ["someone/shapes"]
+    assert sorted(metrics["per_class_accuracy"]) == ["large", "small"]

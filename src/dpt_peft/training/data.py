@@ -30,7 +30,8 @@ def load_image_dataset(name_or_path: str, seed: int = 0) -> DatasetDict:
         return toy_dataset(name_or_path[len(TOY_PREFIX):], seed=seed)
     if os.path.isdir(name_or_path):
         return load_dataset("imagefolder", data_dir=name_or_path)
-    if os.path.sep in name_or_path or name_or_path.startswith("."):
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:  # a Hub id is "name" or "owner/name"
         raise FileNotFoundError(
             f"--dataset {name_or_path!r} does not exist; give an existing image folder (one subfolder per class) or "
             "a Hub dataset name."
