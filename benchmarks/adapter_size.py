@@ -10,7 +10,6 @@ import json
 import os
 import tempfile
 
-import torch
 from peft import get_peft_model
 from transformers import CLIPConfig, CLIPModel
 

@@ -28,12 +28,11 @@ class PromptLayout:
     input_ids: torch.Tensor  # [C, T]
     context_mask: torch.Tensor  # [C, T] bool
     context_index: torch.Tensor  # [C, T] long
-    eot_positions: torch.Tensor  # [C]
 
     def to(self, device: torch.device) -> "PromptLayout":
         if self.input_ids.device == device:
             return self
-        return PromptLayout(*(t.to(device) for t in (self.input_ids, self.context_mask, self.context_index, self.eot_positions)))
+        return PromptLayout(*(t.to(device) for t in (self.input_ids, self.context_mask, self.context_index)))
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -104,12 +103,10 @@ def build_prompt_layout(
         masks.append([j is not None for _, j in segments])
         indices.append([0 if j is None else base + j for _, j in segments])
     length = pad_to or max(len(row) for row in rows)
-    eot = torch.tensor([len(row) - 1 for row in rows], dtype=torch.long)
     return PromptLayout(
         input_ids=_pad(rows, tokenizer.eos_token_id, length),
         context_mask=_pad([[int(m) for m in row] for row in masks], 0, length).bool(),
         context_index=_pad(indices, 0, length),
-        eot_positions=eot,
     )
 
 

@@ -179,6 +179,3 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[TrainArguments, dict]:
         config_overrides = {**TOY_CONFIG_DEFAULTS, **config_overrides}
     return args, config_overrides
 
-
-def make_config(args: TrainArguments, class_names: list[str], overrides: dict) -> DPTConfig:
-    return DPTConfig.for_method(args.method, class_names=class_names, **overrides)

@@ -31,7 +31,7 @@ import dpt_peft  # noqa: F401  (registers DPT with PEFT)
 
 from ..config import DPTConfig
 from ..toy.pretrain import toy_clip_path
-from .arguments import TrainArguments, make_config
+from .arguments import TrainArguments
 from .data import ImageBatcher, check_columns, check_labels, few_shot_split, load_checked_split, undecoded, with_index
 from ..prototypes import init_visual_prompts_from_prototypes
 from .evaluation import accuracy_metrics, predict_split
@@ -270,7 +270,7 @@ def train(args: TrainArguments, config_overrides: Optional[dict] = None) -> dict
     multitask = len(tasks) > 1
     class_names = {name: data.class_names for name, data in tasks.items()} if multitask else \
         next(iter(tasks.values())).class_names
-    config: DPTConfig = make_config(args, class_names, config_overrides or {})
+    config = DPTConfig.for_method(args.method, class_names=class_names, **(config_overrides or {}))
     identity = _normalized(args.run_identity(config))
     checkpoint = None
     if args.resume_from_checkpoint:
