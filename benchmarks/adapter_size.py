@@ -1,6 +1,6 @@
 """Parameter count and file size of DPT adapters on real CLIP shapes (random weights built from configs).
 
-    python benchmarks/adapter_size.py --json adapter_size.json
+python benchmarks/adapter_size.py --json adapter_size.json
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ import json
 import os
 import tempfile
 
+from clip_shapes import SHAPES  # noqa: E402  (sibling module; benchmarks run as scripts)
 from peft import get_peft_model
 from transformers import CLIPConfig, CLIPModel
 
 import dpt_peft  # noqa: F401
 from dpt_peft import DPTConfig
 from dpt_peft.toy.tokenizer import build_clip_tokenizer
-
-from clip_shapes import SHAPES  # noqa: E402  (sibling module; benchmarks run as scripts)
 
 NAMES = {"ViT-B/16": "vit-b16", "ViT-L/14": "vit-l14"}
 
@@ -30,8 +29,14 @@ def measure(shape: str, num_classes: int, method: str, tokenizer_dir: str) -> di
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         size = os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
-    return {"shape": shape, "method": method, "num_classes": num_classes, "trainable_parameters": trainable,
-            "base_parameters": total - trainable, "adapter_file_bytes": size}
+    return {
+        "shape": shape,
+        "method": method,
+        "num_classes": num_classes,
+        "trainable_parameters": trainable,
+        "base_parameters": total - trainable,
+        "adapter_file_bytes": size,
+    }
 
 
 def main() -> None:
@@ -46,8 +51,10 @@ def main() -> None:
         rows = [measure(s, c, m, tokenizer_dir) for s in args.shapes for c in args.num_classes for m in args.methods]
     print(f"{'shape':9} {'method':9} {'classes':>7} {'trainable':>11} {'file MB':>8}")
     for r in rows:
-        print(f"{r['shape']:9} {r['method']:9} {r['num_classes']:>7} {r['trainable_parameters']:>11,} "
-              f"{r['adapter_file_bytes'] / 2**20:>8.2f}")
+        print(
+            f"{r['shape']:9} {r['method']:9} {r['num_classes']:>7} {r['trainable_parameters']:>11,} "
+            f"{r['adapter_file_bytes'] / 2**20:>8.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -20,9 +20,8 @@ import tempfile
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from clip_shapes import SHAPES  # noqa: E402  (sibling module; benchmarks run as scripts)
+from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16 peak of known GPUs (TFLOP/s), for the share of peak we reach.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -41,8 +40,11 @@ def _build(shape: str, method: str, num_classes: int, baseline: bool, tokenizer_
     for config in (clip.config, clip.config.text_config, clip.config.vision_config):
         config._attn_implementation = clip.config._attn_implementation
     config = DPTConfig.for_method(
-        method, class_names=[f"class {i}" for i in range(num_classes)], tokenizer_name_or_path=tokenizer_dir,
-        pad_text_to_context=baseline, cache_class_features=not baseline,
+        method,
+        class_names=[f"class {i}" for i in range(num_classes)],
+        tokenizer_name_or_path=tokenizer_dir,
+        pad_text_to_context=baseline,
+        cache_class_features=not baseline,
     )
     return get_peft_model(clip, config).to(device)
 
@@ -59,8 +61,17 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(shape: str, method: str, num_classes: int, baseline: bool, batch_size: int, steps: int, warmup: int,
-            tokenizer_dir: str, device: str) -> dict:
+def measure(
+    shape: str,
+    method: str,
+    num_classes: int,
+    baseline: bool,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    tokenizer_dir: str,
+    device: str,
+) -> dict:
     """One configuration: training step time, inference images/s, FLOPs per step, peak memory."""
     model = _build(shape, method, num_classes, baseline, tokenizer_dir, device)
     size = SHAPES[shape]["vision_config"]["image_size"]
@@ -101,9 +112,13 @@ def measure(shape: str, method: str, num_classes: int, baseline: bool, batch_siz
         _synchronize(device)
     infer_seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _resident_peak_mb()
-    return {"step_ms": 1000 * step_seconds, "images_per_s": batch_size / step_seconds,
-            "infer_images_per_s": batch_size / infer_seconds, "flops_per_step": counter.get_total_flops(),
-            "peak_mem_mb": peak}
+    return {
+        "step_ms": 1000 * step_seconds,
+        "images_per_s": batch_size / step_seconds,
+        "infer_images_per_s": batch_size / infer_seconds,
+        "flops_per_step": counter.get_total_flops(),
+        "peak_mem_mb": peak,
+    }
 
 
 def logits_difference(shape: str, method: str, num_classes: int, tokenizer_dir: str, device: str) -> float:
@@ -119,31 +134,60 @@ def logits_difference(shape: str, method: str, num_classes: int, tokenizer_dir: 
 
 
 def _child(args: argparse.Namespace) -> None:
-    result = measure(args.shape, args.method, args.num_classes, args.baseline, args.batch_size, args.steps,
-                     args.warmup, args.tokenizer_dir, args.device)
+    result = measure(
+        args.shape,
+        args.method,
+        args.num_classes,
+        args.baseline,
+        args.batch_size,
+        args.steps,
+        args.warmup,
+        args.tokenizer_dir,
+        args.device,
+    )
     if not args.baseline:
-        result["max_logit_diff_fp32"] = logits_difference(args.shape, args.method, args.num_classes,
-                                                          args.tokenizer_dir, args.device)
+        result["max_logit_diff_fp32"] = logits_difference(
+            args.shape, args.method, args.num_classes, args.tokenizer_dir, args.device
+        )
     print("RESULT " + json.dumps(result))
 
 
 def _run_child(args, method: str, num_classes: int, baseline: bool, tokenizer_dir: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--child", "--shape", args.shape, "--device", args.device,
-               "--method", method, "--num_classes", str(num_classes), "--batch_size", str(args.batch_size),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--tokenizer_dir", tokenizer_dir]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--method",
+        method,
+        "--num_classes",
+        str(num_classes),
+        "--batch_size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--tokenizer_dir",
+        tokenizer_dir,
+    ]
     if baseline:
         command.append("--baseline")
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"benchmark child failed: {' '.join(command)}\n{completed.stderr[-3000:]}")
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default=None,
-                        help="Model shape (default: vit-b16 on CUDA, small on CPU).")
+    parser.add_argument(
+        "--shape", choices=list(SHAPES), default=None, help="Model shape (default: vit-b16 on CUDA, small on CPU)."
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", default=["coop", "vpt", "dpt"])
     parser.add_argument("--classes", nargs="+", type=int, default=[10, 100, 1000])
@@ -173,26 +217,39 @@ def main() -> None:
                 base = _run_child(args, method, num_classes, True, tokenizer_dir)
                 ours = _run_child(args, method, num_classes, False, tokenizer_dir)
                 achieved = ours["flops_per_step"] / (ours["step_ms"] / 1000) / 1e12
-                rows.append({
-                    "method": method, "num_classes": num_classes, "shape": args.shape, "device": device_name,
-                    "batch_size": args.batch_size,
-                    "baseline_images_per_s": base["images_per_s"], "images_per_s": ours["images_per_s"],
-                    "speedup": ours["images_per_s"] / base["images_per_s"],
-                    "baseline_step_ms": base["step_ms"], "step_ms": ours["step_ms"],
-                    "baseline_infer_images_per_s": base["infer_images_per_s"],
-                    "infer_images_per_s": ours["infer_images_per_s"],
-                    "infer_speedup": ours["infer_images_per_s"] / base["infer_images_per_s"],
-                    "baseline_peak_mem_mb": base["peak_mem_mb"], "peak_mem_mb": ours["peak_mem_mb"],
-                    "baseline_flops_per_step": base["flops_per_step"], "flops_per_step": ours["flops_per_step"],
-                    "achieved_tflops": achieved, "peak_share": achieved / peak if peak else None,
-                    "max_logit_diff_fp32": ours["max_logit_diff_fp32"],
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "num_classes": num_classes,
+                        "shape": args.shape,
+                        "device": device_name,
+                        "batch_size": args.batch_size,
+                        "baseline_images_per_s": base["images_per_s"],
+                        "images_per_s": ours["images_per_s"],
+                        "speedup": ours["images_per_s"] / base["images_per_s"],
+                        "baseline_step_ms": base["step_ms"],
+                        "step_ms": ours["step_ms"],
+                        "baseline_infer_images_per_s": base["infer_images_per_s"],
+                        "infer_images_per_s": ours["infer_images_per_s"],
+                        "infer_speedup": ours["infer_images_per_s"] / base["infer_images_per_s"],
+                        "baseline_peak_mem_mb": base["peak_mem_mb"],
+                        "peak_mem_mb": ours["peak_mem_mb"],
+                        "baseline_flops_per_step": base["flops_per_step"],
+                        "flops_per_step": ours["flops_per_step"],
+                        "achieved_tflops": achieved,
+                        "peak_share": achieved / peak if peak else None,
+                        "max_logit_diff_fp32": ours["max_logit_diff_fp32"],
+                    }
+                )
                 row = rows[-1]
-                print(f"{method:5} {num_classes:5} classes: train {row['baseline_images_per_s']:8.1f} -> "
-                      f"{row['images_per_s']:8.1f} img/s ({row['speedup']:.2f}x), infer "
-                      f"{row['baseline_infer_images_per_s']:8.1f} -> {row['infer_images_per_s']:8.1f} img/s "
-                      f"({row['infer_speedup']:.2f}x), peak {row['baseline_peak_mem_mb']:.0f} -> "
-                      f"{row['peak_mem_mb']:.0f} MB, |dlogit| {row['max_logit_diff_fp32']:.1e}", flush=True)
+                print(
+                    f"{method:5} {num_classes:5} classes: train {row['baseline_images_per_s']:8.1f} -> "
+                    f"{row['images_per_s']:8.1f} img/s ({row['speedup']:.2f}x), infer "
+                    f"{row['baseline_infer_images_per_s']:8.1f} -> {row['infer_images_per_s']:8.1f} img/s "
+                    f"({row['infer_speedup']:.2f}x), peak {row['baseline_peak_mem_mb']:.0f} -> "
+                    f"{row['peak_mem_mb']:.0f} MB, |dlogit| {row['max_logit_diff_fp32']:.1e}",
+                    flush=True,
+                )
     print(f"device: {device_name}; shape: {args.shape}; batch {args.batch_size}")
     if args.json:
         with open(args.json, "w") as f:

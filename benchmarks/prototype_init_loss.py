@@ -20,20 +20,21 @@ import dpt_peft  # noqa: F401
 from dpt_peft import DPTConfig, init_visual_prompts_from_prototypes
 from dpt_peft.toy.pretrain import toy_clip_path
 from dpt_peft.training.arguments import TOY_CONFIG_DEFAULTS, TrainArguments
-from dpt_peft.training.data import ImageBatcher
-from dpt_peft.training.trainer import load_data
+from dpt_peft.training.data import ImageBatcher, load_task
 
 
 def initial_loss(method: str, prototype_method: str | None, seed: int) -> float:
     """`prototype_method` None: the usual random normal init."""
     args = TrainArguments(seed=seed, report_to="none")
-    data = load_data(args, args.dataset)
+    data = load_task(args, args.dataset)
     path = toy_clip_path()
     batcher = ImageBatcher(AutoImageProcessor.from_pretrained(path), "image", "label")
     loader = DataLoader(data.train, batch_size=len(data.train), collate_fn=batcher)
     torch.manual_seed(seed)
-    model = get_peft_model(CLIPModel.from_pretrained(path),
-                           DPTConfig.for_method(method, class_names=data.class_names, **TOY_CONFIG_DEFAULTS)).eval()
+    model = get_peft_model(
+        CLIPModel.from_pretrained(path),
+        DPTConfig.for_method(method, class_names=data.class_names, **TOY_CONFIG_DEFAULTS),
+    ).eval()
     if prototype_method is not None:
         init_visual_prompts_from_prototypes(model, loader, method=prototype_method, seed=seed)
     batch = next(iter(loader))
@@ -48,12 +49,20 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for method in ("vpt", "dpt"):
-        for init, prototype_method in (("random normal", None), ("prototype kmeans", "kmeans"),
-                                       ("prototype random", "random"), ("prototype mean_pool", "mean_pool")):
+        for init, prototype_method in (
+            ("random normal", None),
+            ("prototype kmeans", "kmeans"),
+            ("prototype random", "random"),
+            ("prototype mean_pool", "mean_pool"),
+        ):
             losses = [initial_loss(method, prototype_method, s) for s in args.seeds]
             rows.append({"method": method, "init": init, "losses": losses, "mean": statistics.mean(losses)})
-            print(f"{method:4} {init:20} initial loss {statistics.mean(losses):.3f}  (seeds: "
-                  + ", ".join(f"{v:.3f}" for v in losses) + ")", flush=True)
+            print(
+                f"{method:4} {init:20} initial loss {statistics.mean(losses):.3f}  (seeds: "
+                + ", ".join(f"{v:.3f}" for v in losses)
+                + ")",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

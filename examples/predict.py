@@ -1,8 +1,8 @@
-"""`python examples/predict.py --adapter ADAPTER IMAGES_OR_DIRS ...` (see --help)."""
+"""`python examples/predict.py --adapter ADAPTER IMAGES_OR_DIRS ...`: the same as `dpt-peft predict` (see --help)."""
 
-import _no_shadow  # noqa: F401  (must come first, see its docstring)
+import _no_shadow  # noqa: F401, I001  (must come first, see its docstring)
 
-from dpt_peft.inference_cli import predict_main
+from dpt_peft.cli import predict_main
 
 if __name__ == "__main__":
     predict_main()

@@ -1,4 +1,4 @@
-"""Behaviour of the DPT adapter, checked against plain re-computations of METHOD.md sections 1-4."""
+"""Behaviour of the DPT adapter, checked against plain re-computations of docs/method.md sections 1-4."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CLASS_NAMES
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPModel
 
-from conftest import CLASS_NAMES
 from dpt_peft import DPTConfig, DPTPeftModel
 from dpt_peft.layer import DPTLayer
 
@@ -33,12 +33,17 @@ def clip_logits(clip: CLIPModel, clip_path: str, texts: list[str], pixel_values:
 
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_phrase_context_equals_zero_shot_clip(clip_path, pixel_values, position):
-    """METHOD.md 1: context initialized from a phrase, no visual prompts -> CLIP's zero-shot logits."""
+    """docs/method.md 1: context initialized from a phrase, no visual prompts -> CLIP's zero-shot logits."""
     reference = CLIPModel.from_pretrained(clip_path).eval()
     model = get_peft_model(
         CLIPModel.from_pretrained(clip_path),
-        DPTConfig(class_names=CLASS_NAMES, text_init=PHRASE, class_token_position=position,
-                  num_visual_tokens=0, class_aware=False),
+        DPTConfig(
+            class_names=CLASS_NAMES,
+            text_init=PHRASE,
+            class_token_position=position,
+            num_visual_tokens=0,
+            class_aware=False,
+        ),
     ).eval()
     texts = [EQUIVALENT_TEXT[position].format(name.replace("_", " ")) for name in CLASS_NAMES]
     expected = clip_logits(reference, clip_path, texts, pixel_values)
@@ -49,23 +54,23 @@ def test_phrase_context_equals_zero_shot_clip(clip_path, pixel_values, position)
 
 
 def test_truncated_prompts_equal_full_context(clip, clip_path):
-    """Cutting prompts after the longest EOT is exact under causal attention (METHOD.md 7, issue 6)."""
+    """Cutting prompts after the longest EOT is exact under causal attention (docs/method.md 8)."""
     from dpt_peft.class_prompts import build_prompt_layout
 
     model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=3, class_aware=False)).eval()
     tuner = model.base_model
     tokenizer = AutoTokenizer.from_pretrained(clip_path)
     full = build_prompt_layout(tokenizer, CLASS_NAMES, 3, "end", 24, pad_to=24)
-    short = tuner._task("default", None).prompt_layout
+    short = tuner.task_classes("default").prompt_layout
     assert short.input_ids.shape[1] < full.input_ids.shape[1] == 24
     with torch.no_grad():
         torch.testing.assert_close(
-            tuner._encode_text(short.input_ids, short), tuner._encode_text(full.input_ids, full), rtol=1e-5, atol=1e-6
+            tuner.encode_text(short.input_ids, short), tuner.encode_text(full.input_ids, full), rtol=1e-5, atol=1e-6
         )
 
 
 def test_prompts_appended_after_patches_equal_prompts_after_cls(clip, pixel_values):
-    """METHOD.md 2: attention is permutation-equivariant, so where the prompts go does not change CLS."""
+    """docs/method.md 2: attention is permutation-equivariant, so where the prompts go does not change CLS."""
     layer = clip.vision_model.encoder.layers[0]
     tokens = clip.vision_model.pre_layrnorm(clip.vision_model.embeddings(pixel_values))
     prompts = torch.randn(4, 5, tokens.shape[-1])
@@ -76,13 +81,14 @@ def test_prompts_appended_after_patches_equal_prompts_after_cls(clip, pixel_valu
 
 
 def _reference_dpt_forward(clip, clip_path, model, pixel_values, labels, top_k):
-    """METHOD.md sections 2-4 written out plainly on an unwrapped CLIP with the adapter's weights."""
+    """docs/method.md sections 2-4 written out plainly on an unwrapped CLIP with the adapter's weights."""
     tokenizer = AutoTokenizer.from_pretrained(clip_path)
     names = [n.replace("_", " ") for n in CLASS_NAMES]
     scale = clip.logit_scale.exp()
     with torch.no_grad():
-        zs_text = clip.get_text_features(**tokenizer([f"a photo of a {n}." for n in names], padding=True,
-                                                     return_tensors="pt")).pooler_output
+        zs_text = clip.get_text_features(
+            **tokenizer([f"a photo of a {n}." for n in names], padding=True, return_tensors="pt")
+        ).pooler_output
         zs_image = clip.get_image_features(pixel_values=pixel_values).pooler_output
     # Learned text features: the context still equals the phrase, so they are CLIP's features of the phrase.
     text = zs_text
@@ -126,11 +132,12 @@ def _reference_dpt_forward(clip, clip_path, model, pixel_values, labels, top_k):
 
 
 def test_class_aware_forward_matches_plain_recomputation(clip_path, pixel_values):
-    """METHOD.md 3: top-K selection, detached keys, extra kv tokens, residual, both norms, auxiliary loss."""
+    """docs/method.md 3: top-K selection, detached keys, extra kv tokens, residual, both norms, auxiliary loss."""
     model = get_peft_model(
         CLIPModel.from_pretrained(clip_path),
-        DPTConfig(class_names=CLASS_NAMES, text_init=PHRASE, num_visual_tokens=2, class_aware_layer=1,
-                  class_aware_top_k=3),
+        DPTConfig(
+            class_names=CLASS_NAMES, text_init=PHRASE, num_visual_tokens=2, class_aware_layer=1, class_aware_top_k=3
+        ),
     ).eval()
     clip = CLIPModel.from_pretrained(clip_path).eval()
     with torch.no_grad():
@@ -174,7 +181,7 @@ def test_class_aware_loss_is_zero_when_no_label_is_selected(clip, pixel_values):
 
 
 def test_guidance_loss_matches_reference_formula(clip, pixel_values, labels):
-    """METHOD.md 4: CE(zs_img, learned text) + CE(prompted img, hand-crafted text) + 0.1 CE(joint) + aux."""
+    """docs/method.md 4: CE(zs_img, learned text) + CE(prompted img, hand-crafted text) + 0.1 CE(joint) + aux."""
     model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=2, class_aware_top_k=5))
     output = model(pixel_values=pixel_values, labels=labels, guidance=True)
     tuner = model.base_model
@@ -229,7 +236,11 @@ def test_save_and_load_give_identical_logits(clip_path, pixel_values, tmp_path):
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     model.eval()
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and all(".dpt_" in k and ".default" not in k for k in keys)
@@ -312,8 +323,8 @@ def test_class_features_are_cached_at_inference_until_prompts_or_classes_change(
     model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=2))
     tuner = model.base_model
     calls = []
-    original = tuner._encode_text
-    tuner._encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = tuner.encode_text
+    tuner.encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
     with torch.no_grad():
         first = model(pixel_values=pixel_values).logits
         model(pixel_values=pixel_values)

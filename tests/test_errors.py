@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CLASS_NAMES, save_tiny_clip, tiny_clip_config
 from peft import PeftModel, get_peft_model
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-from conftest import CLASS_NAMES, save_tiny_clip, tiny_clip_config
 from dpt_peft import DPTConfig
 from dpt_peft.layer import DPTLayer
 
@@ -54,9 +54,14 @@ def test_unknown_method_preset():
         ({"visual_depth": 4}, "visual_depth=4 exceeds the 3 vision layers.*1 to 3"),
         ({"class_aware_layer": 3}, "class_aware_layer=3 is not a vision layer.*0 to 2"),
         ({"num_text_tokens": 22}, "num_text_tokens=22 leaves no room"),
-        ({"num_text_tokens": 17, "class_names": ["cat", "sea turtle sea turtle sea turtle"]},
-         "prompt for class 'sea turtle sea turtle sea turtle' is 26 tokens.*context of 24"),
-        ({"zero_shot_template": "a photo of a {} " + "of the " * 9}, r"zero-shot prompt .* for class '[a-z_ ]+' is \d+ tokens.*zero_shot_template"),
+        (
+            {"num_text_tokens": 17, "class_names": ["cat", "sea turtle sea turtle sea turtle"]},
+            "prompt for class 'sea turtle sea turtle sea turtle' is 26 tokens.*context of 24",
+        ),
+        (
+            {"zero_shot_template": "a photo of a {} " + "of the " * 9},
+            r"zero-shot prompt .* for class '[a-z_ ]+' is \d+ tokens.*zero_shot_template",
+        ),
     ],
 )
 def test_config_that_does_not_fit_the_model(clip, kwargs, message):
@@ -75,7 +80,9 @@ def test_missing_tokenizer(tmp_path):
     clip = CLIPModel(CLIPConfig(**tiny_clip_config()))  # built from a config: no name_or_path
     with pytest.raises(ValueError, match="No CLIP tokenizer found.*tokenizer_name_or_path"):
         get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES))
-    with pytest.raises(ValueError, match=f"(?s)Could not load a CLIP tokenizer from '{tmp_path}'.*tokenizer_name_or_path"):
+    with pytest.raises(
+        ValueError, match=f"(?s)Could not load a CLIP tokenizer from '{tmp_path}'.*tokenizer_name_or_path"
+    ):
         get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, tokenizer_name_or_path=str(tmp_path)))
     assert is_untouched(clip)
 
@@ -87,9 +94,12 @@ def test_tokenizer_from_config_for_a_model_without_name(clip_path, pixel_values)
 
 
 @pytest.mark.parametrize(
-    "shape, field", [({"vision_width": 64}, "vision_hidden_size: adapter 48, model 64"),
-                     ({"vision_layers": 4}, "vision_num_layers: adapter 3, model 4"),
-                     ({"text_width": 48}, "text_hidden_size: adapter 32, model 48")]
+    "shape, field",
+    [
+        ({"vision_width": 64}, "vision_hidden_size: adapter 48, model 64"),
+        ({"vision_layers": 4}, "vision_num_layers: adapter 3, model 4"),
+        ({"text_width": 48}, "text_hidden_size: adapter 32, model 48"),
+    ],
 )
 def test_adapter_into_a_clip_of_another_shape(clip, tmp_path, shape, field):
     get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES)).save_pretrained(tmp_path / "adapter")

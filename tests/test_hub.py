@@ -10,11 +10,11 @@ import peft.config
 import peft.utils.save_and_load
 import pytest
 import torch
+from helpers import CLASS_NAMES
 from huggingface_hub import HfApi
 from peft import PeftModel, get_peft_model
 from transformers import CLIPModel
 
-from conftest import CLASS_NAMES
 from dpt_peft import DPTConfig
 
 REPO_ID = "someone/dpt-tiny-clip"
@@ -73,8 +73,11 @@ def test_push_to_hub_uploads_adapter_and_model_card(clip_path, monkeypatch):
     model.push_to_hub(REPO_ID)
 
     assert set(uploads) == {
-        "adapter_model.safetensors", "adapter_config.json", "README.md",
-        "birds/adapter_model.safetensors", "birds/adapter_config.json",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+        "birds/adapter_model.safetensors",
+        "birds/adapter_config.json",
     }
     config = json.loads(uploads["adapter_config.json"])
     assert config["peft_type"] == "DPT" and config["class_names"] == CLASS_NAMES

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLASS_NAMES
 from peft import get_peft_model
 from transformers import CLIPModel
 
-from conftest import CLASS_NAMES
 from dpt_peft import DPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,24 +27,29 @@ def build(clip_path, attn="sdpa", **config):
 def test_padding_prompts_to_the_full_context_gives_the_same_logits(clip_path, pixel_values):
     padded = build(clip_path, pad_text_to_context=True)
     cut = build(clip_path)
-    assert padded.base_model._task("default", None).prompt_layout.input_ids.shape[1] == 24
-    assert cut.base_model._task("default", None).prompt_layout.input_ids.shape[1] < 24
+    assert padded.base_model.task_classes("default").prompt_layout.input_ids.shape[1] == 24
+    assert cut.base_model.task_classes("default").prompt_layout.input_ids.shape[1] < 24
     with torch.no_grad():
-        torch.testing.assert_close(cut(pixel_values=pixel_values).logits, padded(pixel_values=pixel_values).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            cut(pixel_values=pixel_values).logits, padded(pixel_values=pixel_values).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_sdpa_and_eager_attention_give_the_same_logits(clip_path, pixel_values):
     with torch.no_grad():
-        torch.testing.assert_close(build(clip_path, "sdpa")(pixel_values=pixel_values).logits,
-                                   build(clip_path, "eager")(pixel_values=pixel_values).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            build(clip_path, "sdpa")(pixel_values=pixel_values).logits,
+            build(clip_path, "eager")(pixel_values=pixel_values).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_class_features_are_recomputed_when_caching_is_off(clip_path, pixel_values):
     model = build(clip_path, cache_class_features=False)
     calls = []
-    original = model.base_model._encode_text
-    model.base_model._encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = model.base_model.encode_text
+    model.base_model.encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
     with torch.no_grad():
         model(pixel_values=pixel_values)
         model(pixel_values=pixel_values)
@@ -76,24 +81,52 @@ def test_mixed_precision_forward_stays_close_to_fp32(clip_path, pixel_values):
     torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.3)
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_on_a_tiny_model(tmp_path):
     output = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--shape", "tiny", "--classes", "3",
-               "--methods", "dpt", "--steps", "1", "--warmup", "0", "--batch_size", "4", "--json", str(output)]
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_train.py"),
+        "--shape",
+        "tiny",
+        "--classes",
+        "3",
+        "--methods",
+        "dpt",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch_size",
+        "4",
+        "--json",
+        str(output),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     (row,) = json.loads(output.read_text())
-    for key in ("method", "num_classes", "baseline_images_per_s", "images_per_s", "speedup", "baseline_peak_mem_mb",
-                "peak_mem_mb", "device", "flops_per_step", "max_logit_diff_fp32"):
+    for key in (
+        "method",
+        "num_classes",
+        "baseline_images_per_s",
+        "images_per_s",
+        "speedup",
+        "baseline_peak_mem_mb",
+        "peak_mem_mb",
+        "device",
+        "flops_per_step",
+        "max_logit_diff_fp32",
+    ):
         assert key in row
     assert row["method"] == "dpt" and row["num_classes"] == 3 and row["flops_per_step"] > 0
     assert row["max_logit_diff_fp32"] < 1e-4
     assert row["speedup"] == pytest.approx(row["images_per_s"] / row["baseline_images_per_s"])
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager(tmp_path):
     """`--torch_compile` (inductor through Accelerate): same result as the eager run. Slow on CPU (~2.5 min)."""
-    from dpt_peft.training.cli import train_main
+    from dpt_peft.cli import train_main
 
     common = ["--epochs", "2", "--shots", "4", "--report_to", "none"]
     eager = train_main([*common, "--output_dir", str(tmp_path / "eager")])

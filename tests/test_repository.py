@@ -1,6 +1,12 @@
-"""The README's set-up commands are the ones CI runs."""
+"""The repository keeps its promises: README commands are CI's, docs match the code, the package's structure."""
 
+import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,3 +28,97 @@ def test_readme_starts_with_two_setup_commands():
 def test_ci_runs_the_readme_test_command():
     ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci_lines[-1] == readme_commands()[1]
+
+
+PACKAGE = REPO / "dpt_peft"
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "assets" not in p.parts)
+
+
+def test_design_module_table_matches_the_files_one_to_one():
+    text = (REPO / "docs" / "design.md").read_text()
+    table = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(dpt_peft/[\w/]+\.py)` \|", table, flags=re.M))
+    files = {str(p.relative_to(REPO)) for p in _modules()}
+    assert listed == files, f"missing from docs/design.md: {sorted(files - listed)}; stale: {sorted(listed - files)}"
+
+
+def test_readme_config_table_lists_every_config_field():
+    from dpt_peft import DPTConfig
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.M))
+    assert listed == {"class_names", *DPTConfig.user_field_names()}
+
+
+def test_cli_flags_come_from_the_config_fields():
+    from dpt_peft import DPTConfig
+    from dpt_peft.training.arguments import build_parser
+
+    flags = {action.dest for action in build_parser()._actions}
+    assert set(DPTConfig.user_field_names()) <= flags
+    assert not {"vision_hidden_size", "peft_type", "class_names"} & flags
+
+
+def test_no_reference_to_files_outside_the_repository():
+    tracked = [*_modules(), REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "tests").glob("*.py")]
+    offenders = [str(p) for p in tracked if "METHOD" + ".md" in p.read_text() or "../" + "shared" in p.read_text()]
+    assert not offenders
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Package modules `path` imports at module level (not inside functions or TYPE_CHECKING)."""
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            found |= {target} | {f"{target}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for p in _modules()}
+    return {name for name in found if name in names} - {module}
+
+
+def test_no_import_cycles():
+    graph = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): _imported_modules(p)
+        for p in _modules()
+    }
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        for target in graph.get(name, ()):
+            assert target not in path, f"import cycle: {' -> '.join((*path, target))}"
+            if target != "dpt_peft":  # importing a subpackage runs the package's __init__ first, by design
+                visit(target, (*path, target))
+
+    for name in graph:
+        visit(name, (name,))
+
+
+def test_modules_reach_no_private_attribute_of_other_objects():
+    """Layers, the tuner and the tools talk through public seams (peft_types.py patches enums, documented there)."""
+    pattern = re.compile(r"(?<![\w.])(?!self\b|cls\b)[A-Za-z_][\w\]\)]*\.(_[a-z]\w*)")
+    offenders = [
+        f"{p.relative_to(REPO)}: {m.group(0)}"
+        for p in _modules()
+        if p.name != "peft_types.py"
+        for m in pattern.finditer(p.read_text())
+        if m.group(1) != "_version"  # torch's in-place version counter of a tensor
+    ]
+    assert not offenders
+
+
+@pytest.mark.slow
+def test_python_dash_m_lists_the_commands():
+    completed = subprocess.run(
+        [sys.executable, "-m", "dpt_peft", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert completed.returncode == 0, completed.stderr
+    for command in ("train", "evaluate", "predict", "visualize", "ablation"):
+        assert f"  {command} " in completed.stdout

@@ -16,11 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import dpt_peft.training.trainer as trainer_module
+from dpt_peft.cli import evaluate_main, train_main
 from dpt_peft.metrics import ACCURACY_PATH
 from dpt_peft.toy.shapes import POSITIONS
 from dpt_peft.training.arguments import parse_args
-from dpt_peft.training.cli import evaluate_main, train_main
-from dpt_peft.training.trainer import recipe_lr_factor
+from dpt_peft.training.recipe import recipe_lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["--epochs", "3", "--shots", "4", "--report_to", "none", "--eval_batch_size", "300"]
@@ -38,8 +38,14 @@ def test_toy_run_writes_adapter_metrics_curve_and_logs(tmp_path):
     metrics = run(tmp_path, "--report_to", "tensorboard")
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written == metrics
-    for key in ("zero_shot_accuracy", "accuracy", "mean_per_class_accuracy", "trainable_parameters",
-                "wall_time_s", "train_images_per_s"):
+    for key in (
+        "zero_shot_accuracy",
+        "accuracy",
+        "mean_per_class_accuracy",
+        "trainable_parameters",
+        "wall_time_s",
+        "train_images_per_s",
+    ):
         assert key in written
     assert 0.2 < written["zero_shot_accuracy"] < 1 and 0 <= written["accuracy"] <= 1
     assert written["num_train_images"] == 4 * len(POSITIONS) and written["num_test_images"] == 600
@@ -51,13 +57,15 @@ def test_toy_run_writes_adapter_metrics_curve_and_logs(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["guidance"] for h in history] == [True, False, False]  # half of 3 epochs, rounded down
 
-    report = evaluate_main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "eval"),
-                            "--base_to_new"])
+    report = evaluate_main(
+        ["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "eval"), "--base_to_new"]
+    )
     assert report["accuracy"] == pytest.approx(written["accuracy"])  # the saved adapter gives the same predictions
     split = report["base_to_new"]
     assert split["base_classes"] == ["left", "right", "top"] and split["new_classes"] == ["bottom", "center"]
     assert split["harmonic_mean"] == pytest.approx(
-        2 * split["base_accuracy"] * split["new_accuracy"] / (split["base_accuracy"] + split["new_accuracy"]))
+        2 * split["base_accuracy"] * split["new_accuracy"] / (split["base_accuracy"] + split["new_accuracy"])
+    )
     assert (tmp_path / "eval" / "per_class_accuracy.png").stat().st_size > 1000
 
 
@@ -82,7 +90,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "resumed" / "history.json").read_text()) == json.loads(
-        (tmp_path / "straight" / "history.json").read_text())
+        (tmp_path / "straight" / "history.json").read_text()
+    )
 
 
 def test_checkpoints_hold_the_adapter_not_the_clip(tmp_path):
@@ -117,8 +126,11 @@ def test_output_dir_with_a_different_run_is_refused(tmp_path):
 
 def test_flags_cover_the_config_and_the_toy_defaults():
     args, overrides = parse_args(["--method", "vpt", "--class_aware_layer", "2", "--class_specific_context"])
-    assert args.method == "vpt" and overrides == {"num_text_tokens": 4, "class_aware_layer": 2,
-                                                  "class_specific_context": True}
+    assert args.method == "vpt" and overrides == {
+        "num_text_tokens": 4,
+        "class_aware_layer": 2,
+        "class_specific_context": True,
+    }
     assert args.augment is False  # a flip would turn "left" into "right"
     args, overrides = parse_args(["--dataset", "some/hub-dataset", "--augment", "true"])
     assert args.augment is True and overrides == {}
@@ -179,15 +191,34 @@ def test_labels_outside_the_class_names(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("left\nright\n")
     with pytest.raises(ValueError, match=r"Label 2 in column 'label' is outside the 2 class names \(0..1\)"):
-        run(tmp_path / "out", "--dataset", str(folder), "--class_names_file", str(names), "--shots", "2",
-            "--num_text_tokens", "4")
+        run(
+            tmp_path / "out",
+            "--dataset",
+            str(folder),
+            "--class_names_file",
+            str(names),
+            "--shots",
+            "2",
+            "--num_text_tokens",
+            "4",
+        )
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_with_torchrun(tmp_path):
     """DDP over two CPU processes (Accelerate needs MPI for `accelerate launch --cpu`, so torchrun starts them)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               str(REPO / "examples" / "train.py"), *SHORT, "--output_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "examples" / "train.py"),
+        *SHORT,
+        "--output_dir",
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -196,9 +227,25 @@ def test_two_cpu_processes_with_torchrun(tmp_path):
     assert completed.stdout.count("zero-shot accuracy") == 1  # printed by the main process only
 
 
+@pytest.mark.slow
 def test_accelerate_launch_single_process(tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(REPO / "examples" / "train.py"), *SHORT, "--output_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "examples" / "train.py"),
+        *SHORT,
+        "--output_dir",
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["num_test_images"] == 600
@@ -231,8 +278,13 @@ def test_push_to_hub_after_training(tmp_path, monkeypatch):
 
     uploaded = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
-    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: uploaded.update(
-        {repo_id: sorted(op.path_in_repo for op in operations)}))
+    monkeypatch.setattr(
+        HfApi,
+        "create_commit",
+        lambda self, repo_id, operations, **kw: uploaded.update(
+            {repo_id: sorted(op.path_in_repo for op in operations)}
+        ),
+    )
     run(tmp_path, "--push_to_hub", "--hub_model_id", "someone/dpt-toy")
     assert uploaded == {"someone/dpt-toy": ["README.md", "adapter_config.json", "adapter_model.safetensors"]}
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):

@@ -1,0 +1,40 @@
+"""dpt_peft: Dual-modality Prompt Tuning of CLIP as a Hugging Face PEFT method.
+
+Importing this package registers the "DPT" method with PEFT, so `get_peft_model(clip, DPTConfig(...))`
+and `PeftModel.from_pretrained(clip, path)` work; import it before either.
+"""
+
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import register_peft_method
+
+from .config import DPTConfig
+from .inference import DPTZeroShotPipeline, Prediction, predict
+from .layer import ClassAwarePromptGenerator, ForwardContext, ParameterKind, TextContextEmbeddings, VisionPromptLayer
+from .model import DPTModel
+from .outputs import DPTOutput
+from .peft_model import DPTPeftModel
+from .peft_types import DPT_PEFT_TYPE, PEFT_TYPE_NAME, TASK_TYPE_NAME
+from .prototypes import init_visual_prompts_from_prototypes
+
+# As PEFT's own tuners do; guarded because the registry refuses a second registration (re-imports, reloads).
+if DPT_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=DPTConfig, model_cls=DPTModel, prefix="dpt_")
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TASK_TYPE_NAME] = DPTPeftModel
+
+__all__ = [
+    "ClassAwarePromptGenerator",
+    "DPTConfig",
+    "DPTModel",
+    "DPTOutput",
+    "DPTPeftModel",
+    "DPTZeroShotPipeline",
+    "ForwardContext",
+    "ParameterKind",
+    "Prediction",
+    "TextContextEmbeddings",
+    "VisionPromptLayer",
+    "init_visual_prompts_from_prototypes",
+    "predict",
+]
+__version__ = "0.2.0"

@@ -1,0 +1,312 @@
+"""Configuration of Dual-modality Prompt Tuning (DPT) adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .peft_types import DPT_PEFT_TYPE, DPT_TASK_TYPE
+
+ClassNames = list[str] | dict[str, list[str]]
+DEFAULT_TASK = "default"
+# Recorded from the base model when an adapter is created (checked on load); never set by users.
+BASE_SHAPE_FIELDS = ("vision_hidden_size", "vision_num_layers", "text_hidden_size", "projection_dim")
+INTEGER_FIELDS = (
+    "num_text_tokens",
+    "num_visual_tokens",
+    "visual_depth",
+    "class_aware_layer",
+    "class_aware_top_k",
+    "class_aware_num_kv_tokens",
+    "class_aware_attention_dim",
+)
+FLOAT_FIELDS = ("class_aware_loss_weight", "prompt_init_std")
+METHOD_PRESETS: dict[str, dict[str, object]] = {
+    # The four rows of the paper's ablation table, as configurations of one class.
+    "coop": {"learn_text_context": True, "num_visual_tokens": 0, "class_aware": False},
+    "vpt": {"learn_text_context": False, "num_visual_tokens": 10, "class_aware": False},
+    "vpt_coop": {"learn_text_context": True, "num_visual_tokens": 10, "class_aware": False},
+    "dpt": {"learn_text_context": True, "num_visual_tokens": 10, "class_aware": True},
+}
+
+
+def normalize_class_name(name: str) -> str:
+    """The text a class name contributes to its prompt (CoOp turns ``_`` into spaces)."""
+    return re.sub(r"\s+", " ", name.replace("_", " ")).strip()
+
+
+@dataclass
+class DPTConfig(PeftConfig):
+    """
+    Configuration of a [`DPTModel`]: prompts that adapt a frozen `transformers.CLIPModel` to classification.
+
+    Papers: DPT, Dual-modality Prompt Tuning (https://arxiv.org/abs/2208.08340), built on CoOp
+    (https://arxiv.org/abs/2109.01134) and VPT (https://arxiv.org/abs/2203.12119). Every mechanism can be
+    switched off alone, so CoOp, VPT, VPT+CoOp and DPT are all configurations of this class
+    (see [`DPTConfig.for_method`]).
+
+    Args:
+        class_names (`list[str]` or `dict[str, list[str]]`):
+            The label space: one list of class names, or one list per task for a multitask adapter. Saved with
+            the adapter, because the classifier is rebuilt from them.
+        learn_text_context (`bool`, defaults to `True`):
+            Learn the CoOp text context. When `False`, classes are encoded with `zero_shot_template`.
+        num_text_tokens (`int`, defaults to `16`):
+            Number of learnable context vectors. Ignored when `text_init` is given (its token count is used).
+        text_init (`str`, *optional*):
+            Phrase whose token embeddings initialize the context, e.g. `"a photo of a"`. `None`: random normal
+            with std `prompt_init_std`.
+        class_token_position (`"end"`, `"middle"` or `"front"`, defaults to `"end"`):
+            Where the class name sits relative to the context.
+        class_specific_context (`bool`, defaults to `False`):
+            One context per class instead of one shared context.
+        num_visual_tokens (`int`, defaults to `10`):
+            VPT-deep prompts per vision layer; `0` disables them.
+        visual_depth (`int`, *optional*):
+            Number of vision layers (from the first) that get deep prompts. `None`: every layer before the first
+            class-aware layer, or every layer when class-aware prompts are off.
+        class_aware (`bool`, defaults to `True`):
+            Class-aware visual prompts (CAVPT), built by cross-attention from the text features of each image's
+            top-K zero-shot classes to its tokens.
+        class_aware_layer (`int`, *optional*):
+            First (0-based) vision layer with class-aware prompts; all later layers get them too. `None`: the last
+            layer, as in the reference.
+        class_aware_top_k (`int`, defaults to `10`):
+            Number of classes (hence class-aware prompts) per image; capped at the number of classes.
+        class_aware_num_kv_tokens (`int`, defaults to `10`):
+            Learnable key/value tokens appended to the image tokens in each class-aware attention.
+        class_aware_attention_dim (`int`, defaults to `32`):
+            Width of the single-head query/key projections of the class-aware attention.
+        class_aware_loss_weight (`float`, defaults to `0.3`):
+            Weight of the auxiliary class-aware loss (0.3 in the authors' run script).
+        zero_shot_template (`str`, defaults to `"a photo of a {}."`):
+            Hand-crafted prompt of the frozen zero-shot classifier that picks the top-K classes, and of the
+            general-knowledge-guidance loss.
+        prompt_init_std (`float`, defaults to `0.02`):
+            Std of the normal initialization of random prompts.
+        tokenizer_name_or_path (`str`, *optional*):
+            CLIP tokenizer to use; `None`: the base model's `name_or_path`.
+        visual_prompt_init (`"random"` or `"prototype"`, defaults to `"random"`):
+            `"prototype"` marks deep visual prompts to be set from the downstream data's tokens before training
+            (SPT, https://arxiv.org/abs/2402.02382); `examples/train.py` runs
+            `init_visual_prompts_from_prototypes` on the few-shot training set.
+        init_from (`list[str]`, *optional*):
+            Source adapters (paths or Hub ids) whose class-agnostic prompts, averaged, initialize this adapter
+            (MVLPT transfer, https://arxiv.org/abs/2211.11720). Class-specific tensors are not copied.
+        pad_text_to_context (`bool`, defaults to `False`):
+            Pad class prompts to the text encoder's full context, as the reference does. The default cuts them
+            after the longest prompt's end token, which gives the same features (causal attention) faster.
+        cache_class_features (`bool`, defaults to `True`):
+            Reuse class features between calls when no gradient is needed, until the prompts or class names
+            change. `False` recomputes them every call, as the reference does.
+        vision_hidden_size, vision_num_layers, text_hidden_size, projection_dim (`int`, *optional*):
+            Recorded from the base model when the adapter is created; loading into a CLIP with other values fails
+            with an error instead of a partial load. Leave them unset.
+    """
+
+    class_names: ClassNames | None = field(
+        default=None, metadata={"help": "Class names (a list), or a dict task -> list of class names."}
+    )
+    learn_text_context: bool = field(default=True, metadata={"help": "Learn the CoOp text context."})
+    num_text_tokens: int = field(default=16, metadata={"help": "Number of learnable text context vectors."})
+    text_init: str | None = field(
+        default=None, metadata={"help": "Phrase that initializes the text context, e.g. 'a photo of a'."}
+    )
+    class_token_position: Literal["end", "middle", "front"] = field(
+        default="end", metadata={"help": "Where the class name sits: 'end', 'middle' or 'front'."}
+    )
+    class_specific_context: bool = field(default=False, metadata={"help": "One text context per class."})
+    num_visual_tokens: int = field(default=10, metadata={"help": "Deep visual prompts per vision layer (0: off)."})
+    visual_depth: int | None = field(
+        default=None, metadata={"help": "Number of vision layers with deep prompts (None: see docs)."}
+    )
+    class_aware: bool = field(default=True, metadata={"help": "Use class-aware visual prompts (CAVPT)."})
+    class_aware_layer: int | None = field(
+        default=None, metadata={"help": "First 0-based vision layer with class-aware prompts (None: last)."}
+    )
+    class_aware_top_k: int = field(default=10, metadata={"help": "Classes (prompts) per image for CAVPT."})
+    class_aware_num_kv_tokens: int = field(default=10, metadata={"help": "Learnable key/value tokens of CAVPT."})
+    class_aware_attention_dim: int = field(default=32, metadata={"help": "Query/key width of CAVPT attention."})
+    class_aware_loss_weight: float = field(default=0.3, metadata={"help": "Weight of the auxiliary CAVPT loss."})
+    zero_shot_template: str = field(
+        default="a photo of a {}.", metadata={"help": "Template of the frozen zero-shot classifier."}
+    )
+    prompt_init_std: float = field(default=0.02, metadata={"help": "Std of random prompt initialization."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "CLIP tokenizer (None: the base model's name_or_path)."}
+    )
+    visual_prompt_init: Literal["random", "prototype"] = field(
+        default="random", metadata={"help": "Deep visual prompt init: 'random' or 'prototype' (SPT)."}
+    )
+    init_from: list[str] | None = field(
+        default=None, metadata={"help": "Source DPT adapters whose shared prompts initialize this one (MVLPT)."}
+    )
+    pad_text_to_context: bool = field(
+        default=False, metadata={"help": "Pad prompts to the full text context (reference; slower, same result)."}
+    )
+    cache_class_features: bool = field(
+        default=True, metadata={"help": "Cache class features at inference until prompts or class names change."}
+    )
+    vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
+    vision_num_layers: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
+    text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
+    projection_dim: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
+
+    # PEFT's injection reads `target_modules`; DPT derives its targets from the prompt settings instead.
+    target_modules = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = DPT_PEFT_TYPE
+        if self.task_type is None:
+            self.task_type = DPT_TASK_TYPE
+        self._validate()
+
+    @classmethod
+    def for_method(cls, method: str, **kwargs) -> DPTConfig:
+        """Config of one ablation row: `"coop"`, `"vpt"`, `"vpt_coop"` or `"dpt"`; `kwargs` override."""
+        if method not in METHOD_PRESETS:
+            raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHOD_PRESETS)}.")
+        return cls(**{**METHOD_PRESETS[method], **kwargs})
+
+    @classmethod
+    def user_field_names(cls) -> list[str]:
+        """The fields a user sets (CLI flags, README table, run identity): DPT's own, less the recorded shape."""
+        inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+        return [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in inherited and f.name not in BASE_SHAPE_FIELDS and f.name != "class_names"
+        ]
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        """Class names per task (a single-task adapter has the task `"default"`)."""
+        if isinstance(self.class_names, dict):
+            return {task: list(names) for task, names in self.class_names.items()}
+        return {DEFAULT_TASK: list(self.class_names)}
+
+    @property
+    def has_visual_prompts(self) -> bool:
+        return self.num_visual_tokens > 0
+
+    def resolved_class_aware_layer(self, num_layers: int) -> int:
+        return num_layers - 1 if self.class_aware_layer is None else self.class_aware_layer
+
+    def visual_prompt_layers(self, num_layers: int) -> range:
+        """Vision layers that get deep (VPT) prompts."""
+        if not self.has_visual_prompts:
+            return range(0)
+        if self.visual_depth is not None:
+            return range(self.visual_depth)
+        if self.class_aware:
+            return range(self.resolved_class_aware_layer(num_layers))
+        return range(num_layers)
+
+    def class_aware_layers(self, num_layers: int) -> range:
+        """Vision layers that get class-aware prompts."""
+        if not self.class_aware:
+            return range(0)
+        return range(self.resolved_class_aware_layer(num_layers), num_layers)
+
+    def validate_for_model(self, num_layers: int, text_context_length: int) -> None:
+        """Checks that need the base model's shape; raised before anything is injected."""
+        if self.visual_depth is not None and self.visual_depth > num_layers:
+            raise ValueError(
+                f"visual_depth={self.visual_depth} exceeds the {num_layers} vision layers of the base model; "
+                f"use a value from 1 to {num_layers}, or None."
+            )
+        if self.class_aware_layer is not None and not 0 <= self.class_aware_layer < num_layers:
+            raise ValueError(
+                f"class_aware_layer={self.class_aware_layer} is not a vision layer of the base model; "
+                f"use a 0-based index from 0 to {num_layers - 1}, or None for the last layer."
+            )
+        if self.learn_text_context and self.text_init is None and self.num_text_tokens >= text_context_length - 2:
+            raise ValueError(
+                f"num_text_tokens={self.num_text_tokens} leaves no room for a class name in the text encoder's "
+                f"context of {text_context_length} tokens; use fewer than {text_context_length - 3}."
+            )
+
+    def _validate(self) -> None:
+        _validate_class_names(self.class_names)
+        self._validate_numbers()
+        if self.learn_text_context and self.text_init is None and self.num_text_tokens < 1:
+            raise ValueError(
+                f"num_text_tokens={self.num_text_tokens}: the text context needs at least 1 token; set "
+                "num_text_tokens >= 1, give text_init, or set learn_text_context=False."
+            )
+        if self.text_init is not None and not self.text_init.strip():
+            raise ValueError("text_init is empty; give a phrase such as 'a photo of a', or None for random init.")
+        for name in ("num_text_tokens", "num_visual_tokens", "class_aware_num_kv_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} is negative; use 0 or more.")
+        for name in ("class_aware_top_k", "class_aware_attention_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.visual_depth is not None and self.visual_depth < 1:
+            raise ValueError(
+                f"visual_depth={self.visual_depth} must be at least 1; to disable deep visual prompts set "
+                "num_visual_tokens=0."
+            )
+        if self.class_aware_layer is not None and self.class_aware_layer < 0:
+            raise ValueError(f"class_aware_layer={self.class_aware_layer} must be a 0-based layer index (>= 0).")
+        if self.class_token_position not in ("end", "middle", "front"):
+            raise ValueError(f"class_token_position={self.class_token_position!r}; use 'end', 'middle' or 'front'.")
+        if self.zero_shot_template.count("{}") != 1:
+            raise ValueError(
+                f"zero_shot_template={self.zero_shot_template!r} must contain exactly one '{{}}' for the class name."
+            )
+        if self.visual_prompt_init not in ("random", "prototype"):
+            raise ValueError(f"visual_prompt_init={self.visual_prompt_init!r}; use 'random' or 'prototype'.")
+        if isinstance(self.init_from, str):
+            self.init_from = [self.init_from]
+        if self.class_aware_loss_weight < 0:
+            raise ValueError(f"class_aware_loss_weight={self.class_aware_loss_weight} must be >= 0.")
+        if self.prompt_init_std <= 0:
+            raise ValueError(f"prompt_init_std={self.prompt_init_std} must be > 0.")
+        if self.class_specific_context and isinstance(self.class_names, dict) and len(self.class_names) > 1:
+            raise ValueError(
+                "class_specific_context=True ties the context to one label space; it cannot be combined with "
+                "several tasks in class_names. Use a shared context (class_specific_context=False)."
+            )
+
+    def _validate_numbers(self) -> None:
+        """Counts must be whole numbers and floats finite, before any range check compares them."""
+        for name in INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name}={value!r} must be a whole number (an int), e.g. {name}=10.")
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number.")
+
+
+def _validate_class_names(class_names: ClassNames | None) -> None:
+    if class_names is None:
+        raise ValueError("class_names is required: pass the list of class names, e.g. ['cat', 'dog'].")
+    tasks = class_names if isinstance(class_names, dict) else {DEFAULT_TASK: class_names}
+    if not tasks:
+        raise ValueError("class_names is an empty dict; give at least one task with its class names.")
+    for task, names in tasks.items():
+        where = "class_names" if not isinstance(class_names, dict) else f"class_names[{task!r}]"
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise ValueError(f"{where} must be a list of strings, got {type(names).__name__}.")
+        if not names:
+            raise ValueError(f"{where} is empty; give at least one class name.")
+        seen: dict[str, str] = {}
+        for index, name in enumerate(names):
+            if not isinstance(name, str) or not normalize_class_name(name):
+                raise ValueError(f"{where}[{index}]={name!r} is empty; every class needs a non-empty name.")
+            key = normalize_class_name(name).lower()
+            if key in seen:
+                raise ValueError(
+                    f"{where} has duplicate class names {seen[key]!r} and {name!r} (they give the same prompt); "
+                    "make every class name unique."
+                )
+            seen[key] = name

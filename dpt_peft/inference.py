@@ -1,0 +1,150 @@
+"""Running a trained adapter on images: `predict` and a zero-shot-classification pipeline.
+
+Class-side features are computed once per label space (the model caches them at inference), so a run
+over many images pays for the text encoder once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor
+
+logger = logging.getLogger(__name__)
+ImageInput = str | os.PathLike | Image.Image | torch.Tensor
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Prediction:
+    source: str  # the path, or "image[i]" for in-memory inputs
+    labels: list[str]
+    scores: list[float]  # softmax probabilities over the label space, best first
+
+
+def expand_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, directories expanded to the image files they contain (sorted)."""
+    paths = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"{path} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            paths.extend(found)
+        elif not path.exists():
+            raise FileNotFoundError(f"{path} does not exist.")
+        else:
+            paths.append(path)
+    return paths
+
+
+def image_processor_for(model) -> object:
+    """The base model's image processor, found from its `name_or_path`."""
+    source = model.get_base_model().name_or_path
+    if not source:
+        raise ValueError("The base model has no name_or_path; pass processor= (its image processor) explicitly.")
+    return AutoImageProcessor.from_pretrained(source)
+
+
+def load_image(item: ImageInput, index: int) -> tuple[str, Image.Image | torch.Tensor]:
+    if isinstance(item, torch.Tensor):
+        return f"image[{index}]", item
+    if isinstance(item, Image.Image):
+        return f"image[{index}]", item.convert("RGB")
+    with Image.open(item) as image:
+        return str(item), image.convert("RGB")
+
+
+def to_pixel_values(images: list, processor) -> torch.Tensor:
+    if all(isinstance(image, torch.Tensor) for image in images):
+        return torch.stack(images)
+    if any(isinstance(image, torch.Tensor) for image in images):
+        raise ValueError("Pass either tensors (already preprocessed) or images/paths in one call, not both.")
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def predict(
+    model,
+    images: Iterable[ImageInput],
+    top_k: int = 5,
+    task: str | None = None,
+    processor=None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[Prediction]:
+    """Top-k classes of each image. Images are PIL images, paths, or preprocessed tensors `[3, H, W]`.
+
+    An unreadable or corrupt file is skipped with a warning naming it; it has no `Prediction`.
+    """
+    items = [torch.unbind(x) if isinstance(x, torch.Tensor) and x.dim() == 4 else [x] for x in images]
+    items = [x for group in items for x in group]
+    processor = (
+        processor
+        if processor is not None
+        else (None if all(isinstance(x, torch.Tensor) for x in items) else image_processor_for(model))
+    )
+    names = model.class_names(task)
+    k = min(top_k, len(names))
+    device = next(p for p in model.parameters()).device
+    results: list[Prediction] = []
+    model.eval()
+    for start in tqdm(range(0, len(items), batch_size), desc="predict", disable=not progress):
+        sources, loaded = [], []
+        for index in range(start, min(start + batch_size, len(items))):
+            try:
+                source, image = load_image(items[index], index)
+            except (OSError, UnidentifiedImageError) as err:
+                logger.warning("Skipping %s: not a readable image (%s)", items[index], err)
+                continue
+            sources.append(source)
+            loaded.append(image)
+        if not loaded:
+            continue
+        with torch.no_grad():
+            logits = model(pixel_values=to_pixel_values(loaded, processor).to(device), task=task).logits
+        probabilities = logits.float().softmax(dim=-1)
+        scores, indices = probabilities.topk(k, dim=-1)
+        for source, row_scores, row_indices in zip(sources, scores.tolist(), indices.tolist()):
+            results.append(Prediction(source, [names[i] for i in row_indices], row_scores))
+    return results
+
+
+class DPTZeroShotPipeline:
+    """`pipeline("zero-shot-image-classification")`'s call signature for a DPT adapter.
+
+    transformers' pipeline writes each label into `hypothesis_template` and calls CLIP with the resulting
+    `input_ids`; a DPT adapter replaces the template by its learned context, so it takes the labels
+    themselves. `candidate_labels` switch the adapter's label space (`set_class_names`); scores are the
+    softmax over the candidates, as in transformers' pipeline.
+    """
+
+    def __init__(self, model, image_processor=None) -> None:
+        self.model = model
+        self.image_processor = image_processor or image_processor_for(model)
+
+    def __call__(
+        self,
+        image: ImageInput | list[ImageInput],
+        candidate_labels: list[str] | None = None,
+        top_k: int | None = None,
+        hypothesis_template: str | None = None,
+    ) -> list[dict] | list[list[dict]]:
+        if hypothesis_template is not None:
+            logger.info("hypothesis_template is ignored: the adapter's learned context replaces it.")
+        if candidate_labels is not None and list(candidate_labels) != self.model.class_names():
+            self.model.set_class_names(list(candidate_labels))
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        predictions = predict(
+            self.model, images, top_k=top_k or len(self.model.class_names()), processor=self.image_processor
+        )
+        results = [[{"score": s, "label": label} for s, label in zip(p.scores, p.labels)] for p in predictions]
+        return results[0] if single else results

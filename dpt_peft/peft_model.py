@@ -1,0 +1,184 @@
+"""`DPTPeftModel`: the `PeftModel` that `get_peft_model` and `PeftModel.from_pretrained` return for DPT.
+
+`PeftModel.forward` calls CLIP's own forward, which needs `input_ids` and returns image-text similarities.
+DPT classifies images over its class names, so this subclass routes `forward` to `DPTModel.classify`
+(the same way PEFT's `PeftModelForSequenceClassification` owns its task's forward).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from peft import PeftModel
+
+from .config import DPTConfig
+from .outputs import DPTOutput
+
+# Passed by generic training loops; they do not change a DPT forward.
+IGNORED_FORWARD_ARGUMENTS = {"return_dict", "num_items_in_batch"}
+
+
+class DPTPeftModel(PeftModel):
+    """A CLIP adapted by DPT prompts; see [`DPTModel.classify`] for what `forward` computes."""
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        task: str | None = None,
+        guidance: bool = False,
+        output_zero_shot_logits: bool = False,
+        output_attentions: bool = False,
+        attention_classes: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> DPTOutput:
+        """Logits over the adapter's classes for `pixel_values` (and the loss when `labels` are given).
+
+        Under `with model.disable_adapter():` this is the base `CLIPModel.forward`, called with the same
+        arguments (e.g. `input_ids` and `pixel_values`), so the base model's behaviour is unchanged.
+        """
+        if not self.has_active_enabled_adapter:
+            return self.get_base_model()(pixel_values=pixel_values, **kwargs)
+        if kwargs.get("input_ids") is not None:
+            raise ValueError(
+                "A DPT adapter classifies images over its class names and takes no input_ids; call "
+                "model(pixel_values=..., labels=...), or use `with model.disable_adapter():` for plain CLIP."
+            )
+        unexpected = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_ARGUMENTS)
+        if unexpected:
+            raise TypeError(
+                f"Unexpected argument(s) {unexpected}; a DPT forward takes pixel_values, labels, task, guidance, "
+                "output_zero_shot_logits, output_attentions and attention_classes."
+            )
+        if pixel_values is None:
+            raise ValueError("pixel_values is required: model(pixel_values=..., labels=...).")
+        return self.base_model.classify(
+            pixel_values,
+            labels=labels,
+            task=task,
+            guidance=guidance,
+            output_zero_shot_logits=output_zero_shot_logits,
+            output_attentions=output_attentions,
+            attention_classes=attention_classes,
+        )
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        self.base_model.check_adapter_names(adapter_name)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.check_adapter_names(adapter_name)
+        super().delete_adapter(adapter_name)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
+        """`PeftModel.load_adapter`, but a file that cannot be read, or that does not fill every prompt tensor,
+        fails with a clear error and leaves no half-loaded adapter behind."""
+        existed = adapter_name in self.peft_config
+        try:
+            result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        except Exception as err:
+            self._roll_back(adapter_name, existed)
+            if isinstance(err, ValueError):  # our own checks already name the field and the fix
+                raise
+            raise ValueError(
+                f"Could not load the DPT adapter from {str(model_id)!r}: {err}. The file may be truncated or "
+                "corrupt, or made for another base model; save or download it again."
+            ) from err
+        missing = [k for k in result.missing_keys if ".dpt_" in k]
+        unexpected = [k for k in result.unexpected_keys if ".dpt_" in k]
+        if missing or unexpected:
+            self._roll_back(adapter_name, existed)
+            raise ValueError(
+                f"The adapter file in {str(model_id)!r} does not match its config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}. Save the adapter again with save_pretrained."
+            )
+        return result
+
+    def _roll_back(self, adapter_name: str, existed: bool) -> None:
+        if adapter_name not in self.peft_config:
+            return
+        if len(self.peft_config) == 1:
+            # The only adapter (PeftModel.from_pretrained): give the caller's CLIP back untouched.
+            self.base_model.unload()
+        elif not existed:
+            self.delete_adapter(adapter_name)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the adapter files and its model card to `repo_id`.
+
+        transformers' `push_to_hub` replaces the card that `save_pretrained` writes with the one on the Hub (a
+        blank template for a new repo); this keeps ours, which says the method, base model, classes and config.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            operations = [
+                CommitOperationAdd(path_in_repo=str(path.relative_to(folder)), path_or_fileobj=str(path))
+                for path in sorted(Path(folder).rglob("*"))
+                if path.is_file()
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or "Upload DPT adapter",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """PEFT's model card plus what a reader needs: the method, base model, class names and config."""
+        super().create_or_update_model_card(output_dir)
+        path = os.path.join(output_dir, "README.md")
+        card = ModelCard.load(path)
+        tags = set(card.data.tags or []) | {"dpt", "prompt-tuning", "clip", "image-classification"}
+        card.data.tags = sorted(tags)
+        card.data.pipeline_tag = "zero-shot-image-classification"
+        sections = [card.text.rstrip(), ""]
+        for name, config in self.peft_config.items():
+            sections.append(_adapter_section(name, config))
+        card.text = "\n".join(sections)
+        card.save(path)
+
+
+def _adapter_section(adapter_name: str, config: DPTConfig) -> str:
+    mechanisms = [
+        name
+        for name, on in (
+            ("CoOp text context", config.learn_text_context),
+            ("deep visual prompts (VPT-deep)", config.has_visual_prompts),
+            ("class-aware visual prompts (CAVPT)", config.class_aware),
+        )
+        if on
+    ]
+    classes = "\n".join(f"- **{task}** ({len(names)}): " + ", ".join(names) for task, names in config.tasks.items())
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("class_names",)}
+    return (
+        f"## DPT adapter `{adapter_name}`\n\n"
+        "Dual-modality Prompt Tuning ([Xing et al., arXiv 2208.08340](https://arxiv.org/abs/2208.08340)) of a "
+        f"frozen CLIP, trained with [dpt_peft](https://pypi.org/project/dpt-peft/).\n\n"
+        f"- **Base model:** `{config.base_model_name_or_path}`\n"
+        f"- **Mechanisms:** {', '.join(mechanisms) or 'none'}\n\n"
+        f"### Class names\n\n{classes}\n\n"
+        "### Usage\n\n```python\nimport dpt_peft  # registers DPT with PEFT\nfrom peft import PeftModel\n"
+        "from transformers import CLIPModel\n\n"
+        f"clip = CLIPModel.from_pretrained({config.base_model_name_or_path!r})\n"
+        'model = PeftModel.from_pretrained(clip, "<this repo>")\n'
+        "logits = model(pixel_values=pixel_values).logits\n```\n\n"
+        f"### Config\n\n```json\n{json.dumps(settings, indent=2, sort_keys=True, default=str)}\n```\n"
+    )

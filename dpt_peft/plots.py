@@ -1,0 +1,101 @@
+"""Every figure the project writes as PNG: training curves, per-class accuracy, the ablation, attention maps.
+
+Matplotlib is imported inside each function with the Agg backend, so importing dpt_peft never needs a display.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .visualize import AttentionMap
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curve(history: list[dict], path: str) -> None:
+    """Loss and training accuracy per epoch; the general-knowledge-guidance epochs are shaded."""
+    plt = _pyplot()
+    epochs = [h["epoch"] + 1 for h in history]
+    figure, loss_axis = plt.subplots(figsize=(6, 3.5))
+    loss_axis.plot(epochs, [h["loss"] for h in history], color="tab:red", label="loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss", color="tab:red")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(epochs, [100 * h["train_accuracy"] for h in history], color="tab:blue", label="accuracy")
+    accuracy_axis.set_ylabel("training accuracy (%)", color="tab:blue")
+    accuracy_axis.set_ylim(0, 100)
+    guided = [h["epoch"] + 1 for h in history if h["guidance"]]
+    if guided:
+        loss_axis.axvspan(min(guided) - 0.5, max(guided) + 0.5, color="0.9", zorder=0, label="guidance")
+    figure.suptitle("DPT training (shaded: general-knowledge guidance epochs)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_per_class(per_class: list[float | None], class_names: list[str], path: str, title: str) -> None:
+    plt = _pyplot()
+    values = [np.nan if v is None else 100 * v for v in per_class]
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.45 * len(class_names) + 1.5), 3.5))
+    axis.bar(range(len(values)), values, color="tab:blue")
+    axis.set_xticks(range(len(values)), class_names, rotation=60, ha="right", fontsize=8)
+    axis.set_ylabel("accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_ablation(results: dict[str, list[float]], labels: dict[str, str], path: str) -> None:
+    """Mean test accuracy per method with the spread over seeds."""
+    plt = _pyplot()
+    names = [labels[k] for k in results]
+    means = [100 * statistics.mean(v) for v in results.values()]
+    spreads = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in results.values()]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar(names, means, yerr=spreads, capsize=4, color=["0.6", "tab:blue", "tab:orange", "tab:green", "tab:red"])
+    for x, (mean, spread) in enumerate(zip(means, spreads)):
+        axis.text(x, mean + spread + 1.5, f"{mean:.1f}", ha="center", fontsize=9)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, 105)
+    axis.set_title(f"Embedded default (toy-position), mean ± std over {len(next(iter(results.values())))} seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def save_attention_figure(image: Image.Image, maps: list[AttentionMap], path: str, title: str = "") -> None:
+    """The image, then each class's attention upsampled onto it, side by side."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 2.9))
+    axes[0].imshow(image)
+    axes[0].set_title("image", fontsize=9)
+    for axis, attention in zip(axes[1:], maps):
+        upsampled = F.interpolate(
+            attention.weights[None, None], size=image.size[::-1], mode="bilinear", align_corners=False
+        )[0, 0]
+        axis.imshow(image)
+        axis.imshow(upsampled.numpy(), cmap="jet", alpha=0.5)
+        axis.set_title(f"{attention.class_name} (layer {attention.layer})", fontsize=9)
+    for axis in axes:
+        axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,133 @@
+"""Contrastive pre-training of the toy CLIP, and where its weights come from.
+
+The weights ship with the package (`dpt_peft/toy/assets/`, about 1.5 MB) so runs skip the ~3 minutes of
+pre-training; `python -m dpt_peft.toy.pretrain --output_dir DIR` rebuilds them deterministically, and
+`toy_clip_path()` rebuilds them into a cache if the shipped copy is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from .shapes import IMAGE_SIZE, VOCABULARY, captions, render
+from .tokenizer import build_clip_tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def toy_clip_config(tokenizer: CLIPTokenizer) -> CLIPConfig:
+    """About 375k parameters: vision 32 px, patch 8, width 64, 4 layers; text width 64, 3 layers, 16 positions."""
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        ),
+        projection_dim=64,
+    )
+
+
+def image_processor():
+    from transformers import CLIPImageProcessor  # imported here: without torchvision it logs a fallback notice
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+
+
+def to_pixel_values(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalized float [B, 3, H, W], as the image processor would give."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def contrastive_loss(logits: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair with identical captions counts as positive."""
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=logits.dtype)
+    targets = same / same.sum(dim=1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def pretrain(output_dir: str | os.PathLike, steps: int = 900, batch_size: int = 256, seed: int = 0) -> Path:
+    """Pre-train the toy CLIP and save it (model, tokenizer, image processor) to `output_dir`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tokenizer = build_clip_tokenizer(VOCABULARY)
+    model = CLIPModel(toy_clip_config(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    warmup = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
+    )
+    start = time.time()
+    for step in range(steps):
+        batch = render(rng, batch_size)
+        texts = captions(batch, rng)
+        tokens = tokenizer(texts, padding=True, return_tensors="pt")
+        output = model(**tokens, pixel_values=to_pixel_values(batch.images))
+        loss = contrastive_loss(output.logits_per_image, texts)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    image_processor().save_pretrained(output_dir)
+    return output_dir
+
+
+def toy_clip_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Directory of the pre-trained toy CLIP: the shipped copy, else a cached one (built on first use)."""
+    if (ASSETS / "model.safetensors").exists():
+        return str(ASSETS)
+    cache = Path(cache_dir or os.environ.get("DPT_PEFT_CACHE", Path.home() / ".cache" / "dpt_peft")) / "toy_clip"
+    if not (cache / "model.safetensors").exists():
+        print(f"Pre-training the toy CLIP into {cache} (about 3 minutes on 2 CPU cores, once)...", flush=True)
+        pretrain(cache)
+    return str(cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Pre-train the toy CLIP on synthetic shapes.")
+    parser.add_argument("--output_dir", default=str(ASSETS))
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pretrain(args.output_dir, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

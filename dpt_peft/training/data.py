@@ -1,0 +1,256 @@
+"""Data of a training run: datasets, checks, few-shot sampling, augmentation, batching, multitask schedules.
+
+Images are decoded in the collate function, not by `datasets`, so that an unreadable or corrupt image is
+skipped with a warning naming it (and counted) instead of stopping a long run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+from ..loading import read_class_names
+
+if TYPE_CHECKING:
+    from .arguments import TrainArguments
+
+logger = logging.getLogger(__name__)
+TOY_PREFIX = "toy-"
+
+
+def load_image_dataset(name_or_path: str, seed: int = 0) -> DatasetDict:
+    """A Hub dataset name, a local `imagefolder` directory, or a generated toy task such as `"toy-position"`."""
+    if name_or_path.startswith(TOY_PREFIX):
+        from ..toy.tasks import toy_dataset
+
+        return toy_dataset(name_or_path[len(TOY_PREFIX) :], seed=seed)
+    if os.path.isdir(name_or_path):
+        return load_dataset("imagefolder", data_dir=name_or_path)
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:  # a Hub id is "name" or "owner/name"
+        raise FileNotFoundError(
+            f"--dataset {name_or_path!r} does not exist; give an existing image folder (one subfolder per class) or "
+            "a Hub dataset name."
+        )
+    return load_dataset(name_or_path)
+
+
+def load_checked_split(
+    name_or_path: str,
+    split: str,
+    image_column: str,
+    label_column: str,
+    class_names_file: str | None,
+    seed: int = 0,
+    split_flag: str = "--split",
+) -> tuple[DatasetDict, Dataset, list[str]]:
+    """A dataset's split with its columns, class names and labels checked; also returns the whole dataset."""
+    dataset = load_image_dataset(name_or_path, seed=seed)
+    if split not in dataset:
+        raise ValueError(f"The dataset has no split {split!r}; its splits are {list(dataset)} ({split_flag}).")
+    chosen = dataset[split]
+    check_columns(chosen, image_column, label_column)
+    class_names = class_names_of(chosen, label_column, class_names_file)
+    check_labels(chosen, label_column, class_names)
+    return dataset, chosen, class_names
+
+
+def check_columns(dataset: Dataset, image_column: str, label_column: str) -> None:
+    for flag, column in (("--image_column", image_column), ("--label_column", label_column)):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"The dataset has no column {column!r}; its columns are {dataset.column_names}. Pass the right "
+                f"name with {flag}."
+            )
+
+
+def class_names_of(dataset: Dataset, label_column: str, class_names_file: str | None = None) -> list[str]:
+    """Class names from a file (one per line) or from the label column's `ClassLabel` feature."""
+    if class_names_file:
+        return read_class_names(class_names_file)
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    raise ValueError(
+        f"Column {label_column!r} is not a ClassLabel, so it names no classes; pass --class_names_file with one "
+        "class name per line."
+    )
+
+
+def check_labels(dataset: Dataset, label_column: str, class_names: list[str]) -> None:
+    labels = np.asarray(dataset[label_column])
+    bad = labels[(labels < 0) | (labels >= len(class_names))]
+    if bad.size:
+        raise ValueError(
+            f"Label {int(bad[0])} in column {label_column!r} is outside the {len(class_names)} class names "
+            f"(0..{len(class_names) - 1}); fix the labels or the class names."
+        )
+
+
+def few_shot_split(
+    dataset: Dataset, label_column: str, class_names: list[str], shots: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """`shots` images per class (seeded) for training, and every other image untouched."""
+    labels = np.asarray(dataset[label_column])
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero(labels == label)
+        if len(members) < shots:
+            raise ValueError(
+                f"Class {name!r} has {len(members)} images, fewer than --shots {shots}; lower --shots or add images."
+            )
+        chosen.extend(rng.choice(members, size=shots, replace=False).tolist())
+    chosen_set = set(chosen)
+    rest = [i for i in range(len(dataset)) if i not in chosen_set]
+    return dataset.select(sorted(chosen)), dataset.select(rest)
+
+
+def undecoded(dataset: Dataset, image_column: str) -> Dataset:
+    """Keep images as bytes/paths; `ImageBatcher` decodes them and skips the ones that fail."""
+    if isinstance(dataset.features[image_column], Image):
+        return dataset.cast_column(image_column, Image(decode=False))
+    return dataset
+
+
+def random_resized_crop(
+    image: PILImage.Image, size: int, rng: np.random.Generator, min_scale: float = 0.08
+) -> PILImage.Image:
+    """Inception-style crop (area `min_scale`-1, ratio 3/4-4/3) resized to `size`, as in CoOp/DPT training."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+            return image.resize((size, size), PILImage.BICUBIC, box=(left, top, left + w, top + h))
+    side = min(width, height)
+    box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
+    return image.resize((size, size), PILImage.BICUBIC, box=box)
+
+
+@dataclass
+class ImageBatcher:
+    """Collate function: decode, augment (training), preprocess with the base model's image processor.
+
+    Augmentation draws from a generator seeded by (seed, epoch, sample), so a resumed run sees the same
+    crops as an uninterrupted one.
+    """
+
+    processor: object
+    image_column: str
+    label_column: str
+    train: bool = False
+    seed: int = 0
+    min_crop_scale: float = 0.08
+    epoch: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def crop_size(self) -> int:
+        crop = getattr(self.processor, "crop_size", None) or {}
+        return int(crop.get("height") or self.processor.size.get("shortest_edge"))
+
+    def _decode(self, value) -> PILImage.Image:
+        if isinstance(value, PILImage.Image):
+            return value.convert("RGB")
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        image = PILImage.open(source)
+        image.load()
+        return image.convert("RGB")
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor] | None:
+        images, labels = [], []
+        for row in rows:
+            try:
+                image = self._decode(row[self.image_column])
+            except (OSError, UnidentifiedImageError, ValueError, KeyError) as err:
+                where = row[self.image_column].get("path") if isinstance(row[self.image_column], dict) else None
+                self.skipped.append(str(where))
+                logger.warning("Skipping unreadable image %s (%s)", where, err)
+                continue
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.epoch, int(row["__index__"])])
+                image = random_resized_crop(image, self.crop_size, rng, self.min_crop_scale)
+                if rng.random() < 0.5:
+                    image = image.transpose(PILImage.FLIP_LEFT_RIGHT)
+            images.append(image)
+            labels.append(row[self.label_column])
+        if not images:
+            return None
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def with_index(dataset: Dataset) -> Dataset:
+    """Add `__index__` so augmentation can be seeded per sample."""
+    return dataset.add_column("__index__", list(range(len(dataset))))
+
+
+@dataclass
+class FewShotData:
+    """One task of a run: its few-shot training set, its held-out set and its class names."""
+
+    train: Dataset
+    test: Dataset
+    class_names: list[str]
+
+
+def load_task(args: TrainArguments, name: str) -> FewShotData:
+    """One task's dataset, class names and few-shot split, with every check a user could fail."""
+    dataset, pool, class_names = load_checked_split(
+        name,
+        args.train_split,
+        args.image_column,
+        args.label_column,
+        args.class_names_file,
+        args.seed,
+        split_flag="--train_split",
+    )
+    train, rest = few_shot_split(pool, args.label_column, class_names, args.shots, args.seed)
+    test = dataset[args.test_split] if args.test_split and args.test_split in dataset else rest
+    check_columns(test, args.image_column, args.label_column)
+    check_labels(test, args.label_column, class_names)
+    return FewShotData(with_index(undecoded(train, args.image_column)), undecoded(test, args.image_column), class_names)
+
+
+def load_tasks(args: TrainArguments) -> dict[str, FewShotData]:
+    """Every task of the run, keyed by its dataset name."""
+    names = args.datasets
+    if len(set(names)) != len(names):
+        raise ValueError(f"--tasks lists a dataset twice: {names}; give each task once.")
+    return {name: load_task(args, name) for name in names}
+
+
+def task_schedule(loaders: dict, sampling: str, generator: torch.Generator) -> list[str]:
+    """The task of every step of one epoch: each task's batch count (proportional, shuffled), or a uniform draw."""
+    names = list(loaders)
+    total = sum(len(loader) for loader in loaders.values())
+    if sampling == "uniform":
+        return [names[i] for i in torch.randint(len(names), (total,), generator=generator).tolist()]
+    order = [name for name in names for _ in range(len(loaders[name]))]
+    return [order[i] for i in torch.randperm(total, generator=generator).tolist()]
+
+
+def scheduled_batches(loaders: dict, schedule: list[str]) -> Iterator[tuple[str, dict | None]]:
+    """(task, batch) pairs following `schedule`; a task's loader restarts when it runs out."""
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    for name in schedule:
+        try:
+            batch = next(iterators[name])
+        except StopIteration:
+            iterators[name] = iter(loaders[name])
+            batch = next(iterators[name])
+        yield name, batch

@@ -1,0 +1,80 @@
+"""The paper's optimization recipe (docs/method.md, section 5): SGD in two parameter groups, their learning-rate
+schedules, and when the general-knowledge guidance loss applies.
+
+Which group a parameter joins is decided by its kind (`ParameterKind`, from the layer attribute it lives in),
+never by its name: a new kind of prompt must be given a group here, or building the optimizer fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..layer import ParameterKind
+from .arguments import TrainArguments
+
+VISUAL_GROUP, TEXT_GROUP = "visual", "text"
+GROUP_OF_KIND = {
+    ParameterKind.VISUAL_PROMPTS: VISUAL_GROUP,
+    ParameterKind.CLASS_AWARE: VISUAL_GROUP,
+    ParameterKind.TEXT_CONTEXT: TEXT_GROUP,
+}
+
+
+def recipe_lr_factor(
+    base_lr: float, warmup_epochs: int, warmup_lr: float, epochs: int, steps_per_epoch: int
+) -> Callable[[int], float]:
+    """Dassl's schedule, per epoch: constant `warmup_lr` for the warm-up epochs, then cosine over all epochs."""
+
+    def factor(step: int) -> float:
+        epoch = step // steps_per_epoch
+        if epoch < warmup_epochs:
+            return warmup_lr / base_lr
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+    return factor
+
+
+def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
+    """Trainable prompt parameters of the active adapter by optimizer group, from their kinds."""
+    groups: dict[str, list[torch.nn.Parameter]] = {VISUAL_GROUP: [], TEXT_GROUP: []}
+    for key, (kind, parameter) in model.base_model.adapter_parameters().items():
+        if parameter.requires_grad:
+            if kind not in GROUP_OF_KIND:
+                raise ValueError(f"{key} is a {kind.value} parameter, which has no optimizer group in GROUP_OF_KIND.")
+            groups[GROUP_OF_KIND[kind]].append(parameter)
+    covered = {id(p) for params in groups.values() for p in params}
+    stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if stray:
+        raise ValueError(f"{stray[0]} is trainable but is not a DPT prompt parameter; freeze it before training.")
+    return groups
+
+
+def build_optimizer(model, args: TrainArguments) -> torch.optim.SGD:
+    """SGD with two groups: visual prompts + CAVPT (first), and the text context."""
+    groups = parameter_groups(model)
+    settings = {
+        VISUAL_GROUP: (args.visual_lr, args.visual_warmup_epochs),
+        TEXT_GROUP: (args.text_lr, args.text_warmup_epochs),
+    }
+    return torch.optim.SGD(
+        [
+            {"params": params, "lr": settings[name][0], "warmup_epochs": settings[name][1], "name": name}
+            for name, params in groups.items()
+            if params
+        ],
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.SGD, args: TrainArguments, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    factors = [
+        recipe_lr_factor(group["lr"], group["warmup_epochs"], args.warmup_lr, args.epochs, steps_per_epoch)
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -1,0 +1,295 @@
+"""The training loop behind `accelerate launch examples/train.py`: setup, loop, report.
+
+Every check that can fail (dataset, columns, labels, shots, output directory, checkpoint config) runs before
+the first step, so a bad input never costs training time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from peft import get_peft_model
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import DPTConfig
+from ..loading import load_clip
+from ..plots import plot_training_curve
+from ..prototypes import init_visual_prompts_from_prototypes
+from .arguments import TrainArguments
+from .checkpoints import (
+    load_checkpoint_state,
+    normalized,
+    prepare_output_dir,
+    register_adapter_only_checkpoints,
+    save_checkpoint,
+)
+from .data import FewShotData, ImageBatcher, load_tasks, scheduled_batches, task_schedule
+from .evaluation import split_metrics
+from .recipe import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+SUMMARY_KEYS = ("zero_shot_accuracy", "accuracy", "zero_shot_mean_per_class_accuracy", "mean_per_class_accuracy")
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: where the loop is and what it has recorded so far."""
+
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_images: int = 0
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, made by `setup`."""
+
+    args: TrainArguments
+    accelerator: Accelerator
+    tasks: dict[str, FewShotData]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loaders: dict[str, DataLoader]
+    test_loaders: dict[str, DataLoader]
+    batchers: tuple[ImageBatcher, ImageBatcher]  # train, test
+    generator: torch.Generator
+    identity: dict
+    steps_per_epoch: int
+    trainable_parameters: int
+    state: RunState
+    progress: tqdm
+
+    @property
+    def multitask(self) -> bool:
+        return len(self.tasks) > 1
+
+
+def train(args: TrainArguments, config_overrides: dict | None = None) -> dict:
+    """Train, evaluate, save (and push) a DPT adapter; returns the metrics written to metrics.json.
+
+    With several tasks (`--tasks`), each batch comes from one task and is classified within that task's
+    classes; metrics are reported per task and as their unweighted mean.
+    """
+    start = time.time()
+    run = setup(args, config_overrides or {})
+    for epoch in range(run.state.start_epoch, args.epochs):
+        train_epoch(run, epoch)
+    return report(run, time.time() - start)
+
+
+def setup(args: TrainArguments, config_overrides: dict) -> Run:
+    """Data, model, optimizer and checkpoint state; every check runs before anything is trained."""
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        dynamo_backend="inductor" if args.torch_compile else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(args.seed)
+    tasks = load_tasks(args)
+    class_names = {name: data.class_names for name, data in tasks.items()} if len(tasks) > 1 else None
+    class_names = class_names or next(iter(tasks.values())).class_names
+    config = DPTConfig.for_method(args.method, class_names=class_names, **config_overrides)
+    identity = normalized(args.run_identity(config))
+    checkpoint = resumed = None
+    if args.resume_from_checkpoint:
+        checkpoint, resumed = load_checkpoint_state(args, identity)
+    prepare_output_dir(args, identity, accelerator)
+
+    clip, processor = load_clip(args.model_name_or_path, attn_implementation=args.attn_implementation)
+    if args.gradient_checkpointing:
+        clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(clip, config)
+    trainable = model.get_nb_trainable_parameters()[0]
+
+    train_batcher = ImageBatcher(
+        processor,
+        args.image_column,
+        args.label_column,
+        train=args.augment,
+        seed=args.seed,
+        min_crop_scale=args.min_crop_scale,
+    )
+    test_batcher = ImageBatcher(processor, args.image_column, args.label_column)
+    if config.visual_prompt_init == "prototype" and checkpoint is None:
+        loaders = [
+            DataLoader(d.train, batch_size=args.eval_batch_size, collate_fn=test_batcher) for d in tasks.values()
+        ]
+        init_visual_prompts_from_prototypes(
+            model,
+            (batch for loader in loaders for batch in loader),
+            method=args.prototype_method,
+            max_images=args.prototype_max_images,
+            seed=args.seed,
+        )
+    generator = torch.Generator()
+    train_loaders = {
+        name: DataLoader(
+            data.train, batch_size=args.batch_size, shuffle=True, generator=generator, collate_fn=train_batcher
+        )
+        for name, data in tasks.items()
+    }
+    test_loaders = {
+        name: DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+        for name, data in tasks.items()
+    }
+    optimizer = build_optimizer(model, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_loaders = {name: accelerator.prepare(loader) for name, loader in train_loaders.items()}
+    test_loaders = {name: accelerator.prepare(loader) for name, loader in test_loaders.items()}
+    # Stepped once per optimizer update by the loop (not prepared: Accelerate would step it once per process).
+    batches_per_epoch = sum(len(loader) for loader in train_loaders.values())
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+    accelerator.register_for_checkpointing(scheduler)
+    register_adapter_only_checkpoints(accelerator)
+
+    state = RunState()
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = RunState(
+            resumed["epoch"] + 1,
+            resumed["global_step"],
+            resumed["history"],
+            resumed["train_seconds"],
+            resumed.get("train_images", 0),
+        )
+        accelerator.print(f"Resumed from {checkpoint} (epoch {resumed['epoch']} done)")
+    if accelerator.log_with:
+        accelerator.init_trackers("dpt_peft", config={k: str(v) for k, v in identity.items()})
+    progress = tqdm(
+        total=steps_per_epoch * args.epochs,
+        initial=state.global_step,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+    )
+    return Run(
+        args,
+        accelerator,
+        tasks,
+        model,
+        optimizer,
+        scheduler,
+        train_loaders,
+        test_loaders,
+        (train_batcher, test_batcher),
+        generator,
+        identity,
+        steps_per_epoch,
+        trainable,
+        state,
+        progress,
+    )
+
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """One epoch over every task's few-shot set, then a checkpoint."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    epoch_start = time.time()
+    guidance = epoch < args.resolved_guidance_epochs
+    run.generator.manual_seed(args.seed * 1_000_003 + epoch)
+    schedule = task_schedule(run.train_loaders, args.task_sampling, torch.Generator().manual_seed(args.seed + epoch))
+    run.batchers[0].epoch = epoch
+    run.model.train()
+    losses, correct, seen = [], 0, 0
+    for task, batch in scheduled_batches(run.train_loaders, schedule):
+        if batch is None:
+            continue
+        with accelerator.accumulate(run.model):
+            output = run.model(**batch, task=task if run.multitask else None, guidance=guidance)
+            accelerator.backward(output.loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            run.scheduler.step()
+            state.global_step += 1
+            run.progress.update(1)
+        losses.append(output.loss.item())
+        correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
+        seen += len(batch["labels"])
+    state.train_images += seen * accelerator.num_processes
+    state.train_seconds += time.time() - epoch_start
+    record = {
+        "epoch": epoch,
+        "step": state.global_step,
+        "loss": sum(losses) / max(len(losses), 1),
+        "train_accuracy": correct / max(seen, 1),
+        "guidance": guidance,
+        "lr": run.scheduler.get_last_lr(),
+    }
+    state.history.append(record)
+    accelerator.log({"train/loss": record["loss"], "train/accuracy": record["train_accuracy"]}, step=state.global_step)
+    checkpoint_state = {
+        "epoch": epoch,
+        "global_step": state.global_step,
+        "history": state.history,
+        "train_seconds": state.train_seconds,
+        "train_images": state.train_images,
+    }
+    save_checkpoint(accelerator, args, checkpoint_state, run.identity)
+
+
+def report(run: Run, wall_time: float) -> dict:
+    """Evaluate every task on its held-out set; write the adapter, metrics.json, history.json and the curve."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    run.progress.close()
+    per_task = {
+        name: split_metrics(
+            run.model, run.test_loaders[name], accelerator, run.tasks[name].class_names, name if run.multitask else None
+        )
+        for name in run.tasks
+    }
+    skipped = run.batchers[0].skipped + run.batchers[1].skipped
+    metrics: dict = {"method": args.method}
+    if run.multitask:
+        metrics.update({key: sum(m[key] for m in per_task.values()) / len(per_task) for key in SUMMARY_KEYS})
+        metrics["tasks"] = per_task
+        metrics["num_test_images"] = sum(m["num_test_images"] for m in per_task.values())
+    else:
+        metrics.update(next(iter(per_task.values())))
+    metrics.update(
+        {
+            "trainable_parameters": run.trainable_parameters,
+            "num_train_images": sum(len(data.train) for data in run.tasks.values()),
+            "skipped_images": len(skipped),
+            "epochs": args.epochs,
+            "steps": state.global_step,
+            "train_seconds": state.train_seconds,
+            "train_images_per_s": state.train_images / state.train_seconds if state.train_images else None,
+            "wall_time_s": wall_time,
+            "final_train_loss": state.history[-1]["loss"] if state.history else None,
+        }
+    )
+    if skipped:
+        logger.warning("Skipped %d unreadable images: %s", len(skipped), skipped[:10])
+    output_dir = Path(args.output_dir)
+    unwrapped = accelerator.unwrap_model(run.model)
+    unwrapped.save_pretrained(output_dir / "adapter", is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (output_dir / "history.json").write_text(json.dumps(state.history, indent=2))
+        plot_training_curve(state.history, str(output_dir / "training_curve.png"))
+        accelerator.print(
+            f"zero-shot accuracy {100 * metrics['zero_shot_accuracy']:.1f}%  ->  {args.method} accuracy "
+            f"{100 * metrics['accuracy']:.1f}%  ({metrics['num_test_images']} test images"
+            f"{f', mean of {len(run.tasks)} tasks' if run.multitask else ''}, {wall_time:.0f}s)  written to "
+            f"{output_dir}"
+        )
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.hub_model_id)
+    accelerator.end_training()
+    return metrics
