@@ -38,7 +38,18 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=_Formatter)
     parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
     parser.add_argument("--model_name_or_path", default=None, help="Base CLIP (default: the toy CLIP).")
-    parser.add_argument("--dataset", default="toy-position", help="Hub dataset, imagefolder, or toy task.")
+    parser.add_argument(
+        "--dataset",
+        default="toy-position",
+        help="CoOp benchmark dataset (with --data_root), Hub dataset, imagefolder, or toy task.",
+    )
+    parser.add_argument("--data_root", default=None, help="Folder of the CoOp benchmark datasets (CoOp's DATASETS.md).")
+    parser.add_argument(
+        "--subsample_classes",
+        default="all",
+        choices=["all", "base", "new"],
+        help="Keep CoCoOp's base or new half of the classes.",
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
@@ -53,7 +64,14 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     _, split, class_names = load_checked_split(
-        args.dataset, args.split, args.image_column, args.label_column, args.class_names_file, args.seed
+        args.dataset,
+        args.split,
+        args.image_column,
+        args.label_column,
+        args.class_names_file,
+        args.seed,
+        data_root=args.data_root,
+        subsample=args.subsample_classes,
     )
     report = evaluate_adapter(
         args.model_name_or_path,

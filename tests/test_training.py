@@ -57,16 +57,26 @@ def test_toy_run_writes_adapter_metrics_curve_and_logs(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["guidance"] for h in history] == [True, False, False]  # half of 3 epochs, rounded down
 
-    report = evaluate_main(
-        ["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "eval"), "--base_to_new"]
-    )
+    report = evaluate_main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "eval")])
     assert report["accuracy"] == pytest.approx(written["accuracy"])  # the saved adapter gives the same predictions
-    split = report["base_to_new"]
-    assert split["base_classes"] == ["left", "right", "top"] and split["new_classes"] == ["bottom", "center"]
-    assert split["harmonic_mean"] == pytest.approx(
-        2 * split["base_accuracy"] * split["new_accuracy"] / (split["base_accuracy"] + split["new_accuracy"])
-    )
     assert (tmp_path / "eval" / "per_class_accuracy.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="trained on 2 of the 'new' classes.*--subsample_classes base"):
+        evaluate_main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "b2n"), "--base_to_new"])
+
+
+def test_base_to_new_evaluates_a_base_adapter_on_unseen_classes(tmp_path):
+    metrics = run(tmp_path / "base", "--subsample_classes", "base")
+    assert sorted(metrics["per_class_accuracy"]) == ["left", "right", "top"]  # CoCoOp: first half, rounded up
+    new_only = run(tmp_path / "new", "--subsample_classes", "new", "--epochs", "1")
+    assert sorted(new_only["per_class_accuracy"]) == ["bottom", "center"]  # relabelled from 0
+    out = tmp_path / "eval"
+    report = evaluate_main(["--adapter", str(tmp_path / "base" / "adapter"), "--output_dir", str(out), "--base_to_new"])
+    written = json.loads((out / "eval_metrics.json").read_text())["base_to_new"]
+    assert written == report["base_to_new"]
+    assert written["new_classes"] == ["bottom", "center"] and written["base_classes"] == ["left", "right", "top"]
+    assert written["harmonic_mean"] == pytest.approx(
+        2 * written["base_accuracy"] * written["new_accuracy"] / (written["base_accuracy"] + written["new_accuracy"])
+    )
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
@@ -135,13 +145,14 @@ def test_flags_cover_the_config_and_the_toy_defaults():
     args, overrides = parse_args(["--dataset", "some/hub-dataset", "--augment", "true"])
     assert args.augment is True and overrides == {}
     assert args.resolved_guidance_epochs == 30 and args.visual_lr == 0.01 and args.text_lr == 0.002
+    assert args.resolved_visual_warmup_epochs == 10
 
 
 def test_lr_schedule_is_constant_warmup_then_cosine():
     factor = recipe_lr_factor(0.01, warmup_epochs=2, warmup_lr=1e-5, epochs=10, steps_per_epoch=3)
     assert [factor(s) for s in range(6)] == pytest.approx([1e-3] * 6)
-    assert factor(6) == pytest.approx(0.5 * (1 + np.cos(np.pi * 2 / 10)))
-    assert factor(29) == pytest.approx(0.5 * (1 + np.cos(np.pi * 9 / 10)))
+    assert factor(6) == pytest.approx(1.0)  # Dassl's WARMUP_RECOUNT: the cosine starts at 0 after the warm-up
+    assert factor(29) == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 10)))
 
 
 def test_offline_metric_module():

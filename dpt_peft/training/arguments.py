@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import DPTConfig
+from .catalog import COOP_DATASETS
+from .recipe import uses_guidance
 
 # Every DPTConfig field a user sets is a flag (they override the --method preset).
 CONFIG_FLAGS = tuple(DPTConfig.user_field_names())
@@ -40,6 +42,18 @@ class TrainArguments:
         metadata={
             "help": "Hub dataset, local imagefolder, or a toy task: toy-position, toy-shape, toy-size, toy-colour."
         },
+    )
+    data_root: str | None = field(
+        default=None,
+        metadata={"help": "Folder holding the CoOp benchmark datasets (CoOp's DATASETS.md) when --dataset names one."},
+    )
+    split_file: str | None = field(
+        default=None,
+        metadata={"help": "Few-shot split JSON written by an earlier run (splits/<dataset>.json) to reuse."},
+    )
+    subsample_classes: Literal["all", "base", "new"] = field(
+        default="all",
+        metadata={"help": "Base-to-new: train/evaluate on the first half of the classes (base) or the rest (new)."},
     )
     tasks: str | None = field(
         default=None,
@@ -73,13 +87,16 @@ class TrainArguments:
     eval_batch_size: int = field(default=256, metadata={"help": "Images per evaluation batch."})
     visual_lr: float = field(default=0.01, metadata={"help": "LR of visual prompts and CAVPT."})
     text_lr: float = field(default=0.002, metadata={"help": "LR of the text context."})
-    visual_warmup_epochs: int = field(default=10, metadata={"help": "Constant warm-up epochs of the visual group."})
+    visual_warmup_epochs: int | None = field(
+        default=None, metadata={"help": "Constant warm-up epochs of the visual group (default: 10; 1 on imagenet)."}
+    )
     text_warmup_epochs: int = field(default=1, metadata={"help": "Constant warm-up epochs of the text group."})
     warmup_lr: float = field(default=1e-5, metadata={"help": "LR during the constant warm-up."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay."})
     guidance_epochs: int | None = field(
-        default=None, metadata={"help": "Epochs of general-knowledge guidance (default: half the epochs)."}
+        default=None,
+        metadata={"help": "Epochs of general-knowledge guidance (default: half the epochs; 0 for coop and vpt)."},
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps per optimizer update."})
     gradient_checkpointing: bool = field(
@@ -109,6 +126,14 @@ class TrainArguments:
         for name in ("shots", "epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)} must be at least 1.")
+        benchmark = [name for name in self.datasets if name in COOP_DATASETS]
+        if benchmark and not self.data_root:
+            raise ValueError(
+                f"--dataset {benchmark[0]} is a CoOp benchmark dataset: pass --data_root, the folder that holds "
+                f"{COOP_DATASETS[benchmark[0]].directory}/ as laid out in CoOp's DATASETS.md."
+            )
+        if self.split_file and len(self.datasets) > 1:
+            raise ValueError("--split_file holds one dataset's split; it cannot be combined with several --tasks.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/dpt-adapter).")
 
@@ -123,7 +148,18 @@ class TrainArguments:
 
     @property
     def resolved_guidance_epochs(self) -> int:
-        return self.epochs // 2 if self.guidance_epochs is None else self.guidance_epochs
+        """Half the epochs for the methods the reference trains with guidance (`recipe.uses_guidance`), else 0."""
+        if self.guidance_epochs is not None:
+            return self.guidance_epochs
+        return self.epochs // 2 if uses_guidance(self.method) else 0
+
+    @property
+    def resolved_visual_warmup_epochs(self) -> int:
+        """10 warm-up epochs of the visual group, as the reference; 1 on ImageNet (catalog's per-dataset value)."""
+        if self.visual_warmup_epochs is not None:
+            return self.visual_warmup_epochs
+        specs = [COOP_DATASETS[name] for name in self.datasets if name in COOP_DATASETS]
+        return min((s.visual_warmup_epochs for s in specs if s.visual_warmup_epochs is not None), default=10)
 
     def run_identity(self, config: DPTConfig) -> dict:
         """What defines a run: resuming or re-using an output dir requires the same values."""
@@ -181,4 +217,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArguments, dict]:
     args = TrainArguments(**namespace)
     if args.is_toy_task:
         config_overrides = {**TOY_CONFIG_DEFAULTS, **config_overrides}
+    templates = {COOP_DATASETS[name].template for name in args.datasets if name in COOP_DATASETS}
+    if len(templates) == 1 and "zero_shot_template" not in config_overrides:
+        config_overrides["zero_shot_template"] = templates.pop()  # the reference's template for this dataset
     return args, config_overrides

@@ -20,6 +20,8 @@ from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
 from ..loading import read_class_names
+from .catalog import COOP_DATASETS, apply_split, load_coop_dataset, load_split_file, subsample_classes
+from .catalog import few_shot_split as coop_few_shot_split
 
 if TYPE_CHECKING:
     from .arguments import TrainArguments
@@ -28,8 +30,16 @@ logger = logging.getLogger(__name__)
 TOY_PREFIX = "toy-"
 
 
-def load_image_dataset(name_or_path: str, seed: int = 0) -> DatasetDict:
-    """A Hub dataset name, a local `imagefolder` directory, or a generated toy task such as `"toy-position"`."""
+def load_image_dataset(name_or_path: str, seed: int = 0, data_root: str | None = None) -> DatasetDict:
+    """A CoOp benchmark dataset under `data_root`, a Hub dataset name, a local `imagefolder` directory, or a
+    generated toy task such as `"toy-position"`."""
+    if name_or_path in COOP_DATASETS:
+        if not data_root:
+            raise ValueError(
+                f"--dataset {name_or_path} is a CoOp benchmark dataset: pass --data_root, the folder that holds "
+                f"{COOP_DATASETS[name_or_path].directory}/ as laid out in CoOp's DATASETS.md."
+            )
+        return load_coop_dataset(name_or_path, data_root)
     if name_or_path.startswith(TOY_PREFIX):
         from ..toy.tasks import toy_dataset
 
@@ -53,9 +63,16 @@ def load_checked_split(
     class_names_file: str | None,
     seed: int = 0,
     split_flag: str = "--split",
+    data_root: str | None = None,
+    subsample: str = "all",
 ) -> tuple[DatasetDict, Dataset, list[str]]:
-    """A dataset's split with its columns, class names and labels checked; also returns the whole dataset."""
-    dataset = load_image_dataset(name_or_path, seed=seed)
+    """A dataset's split with its columns, class names and labels checked; also returns the whole dataset.
+    `subsample` "base" or "new" keeps CoCoOp's half of the classes (`catalog.subsample_classes`)."""
+    dataset = load_image_dataset(name_or_path, seed=seed, data_root=data_root)
+    if subsample != "all":
+        if label_column != "label" or not isinstance(next(iter(dataset.values())).features.get("label"), ClassLabel):
+            raise ValueError("--subsample_classes needs a ClassLabel column named 'label' (--label_column label).")
+        dataset = subsample_classes(dataset, subsample)
     if split not in dataset:
         raise ValueError(f"The dataset has no split {split!r}; its splits are {list(dataset)} ({split_flag}).")
     chosen = dataset[split]
@@ -201,15 +218,25 @@ def with_index(dataset: Dataset) -> Dataset:
 
 @dataclass
 class FewShotData:
-    """One task of a run: its few-shot training set, its held-out set and its class names."""
+    """One task of a run: its few-shot training set, its held-out set and its class names; for a benchmark
+    dataset also the few-shot validation set and what its split file is written from."""
 
     train: Dataset
     test: Dataset
     class_names: list[str]
+    val: Dataset | None = None
+    split_source: DatasetDict | None = None  # the whole benchmark dataset the split indices point into
+    split_indices: dict[str, list[int]] | None = None
 
 
 def load_task(args: TrainArguments, name: str) -> FewShotData:
     """One task's dataset, class names and few-shot split, with every check a user could fail."""
+    if name in COOP_DATASETS:
+        return load_benchmark_task(args, name)
+    if args.split_file:
+        raise ValueError(
+            f"--split_file applies to the CoOp benchmark datasets ({', '.join(COOP_DATASETS)}), not {name!r}."
+        )
     dataset, pool, class_names = load_checked_split(
         name,
         args.train_split,
@@ -218,12 +245,34 @@ def load_task(args: TrainArguments, name: str) -> FewShotData:
         args.class_names_file,
         args.seed,
         split_flag="--train_split",
+        subsample=args.subsample_classes,
     )
     train, rest = few_shot_split(pool, args.label_column, class_names, args.shots, args.seed)
     test = dataset[args.test_split] if args.test_split and args.test_split in dataset else rest
     check_columns(test, args.image_column, args.label_column)
     check_labels(test, args.label_column, class_names)
     return FewShotData(with_index(undecoded(train, args.image_column)), undecoded(test, args.image_column), class_names)
+
+
+def load_benchmark_task(args: TrainArguments, name: str) -> FewShotData:
+    """A CoOp benchmark dataset read from --data_root, its few-shot split (drawn, or reused from --split_file), then
+    CoCoOp's base/new class subset: the same images as CoOp for the same seed."""
+    dataset = load_coop_dataset(name, args.data_root)
+    if args.split_file:
+        indices = load_split_file(args.split_file, dataset)
+    else:
+        indices = coop_few_shot_split(dataset, args.shots, args.seed)
+    chosen = subsample_classes(apply_split(dataset, indices), args.subsample_classes)
+    class_names = list(chosen["test"].features["label"].names)
+    val = chosen["val"] if "val" in indices else None
+    return FewShotData(
+        with_index(undecoded(chosen["train"], "image")),
+        undecoded(chosen["test"], "image"),
+        class_names,
+        val=None if val is None else undecoded(val, "image"),
+        split_source=dataset,
+        split_indices=indices,
+    )
 
 
 def load_tasks(args: TrainArguments) -> dict[str, FewShotData]:

@@ -106,6 +106,7 @@ def evaluate_adapter(
     model, processor = load_adapted_model(adapter, model_name_or_path, device=accelerator.device)
     model = accelerator.prepare(model)
     peft_model = accelerator.unwrap_model(model)
+    trained_classes = peft_model.class_names()
     batcher = ImageBatcher(processor, image_column, label_column)
     dataset = undecoded(dataset, image_column)
 
@@ -131,6 +132,13 @@ def evaluate_adapter(
     }
     if base_to_new or base_classes or new_classes:
         base, new = base_to_new_classes(class_names, base_classes, new_classes)
+        seen = sorted(set(trained_classes) & set(new))
+        if seen:
+            raise ValueError(
+                f"The adapter was trained on {len(seen)} of the 'new' classes (e.g. {seen[0]!r}), so their accuracy "
+                "would not measure generalization to unseen classes. Evaluate base-to-new with an adapter trained "
+                "on the base classes only (train with --subsample_classes base), or name them with --new_classes."
+            )
         base_metrics = run(_subset(dataset, label_column, class_names, base), base)
         new_metrics = run(_subset(dataset, label_column, class_names, new), new)
         report["base_to_new"] = {

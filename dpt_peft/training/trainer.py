@@ -25,6 +25,7 @@ from ..loading import load_clip
 from ..plots import plot_training_curve
 from ..prototypes import init_visual_prompts_from_prototypes
 from .arguments import TrainArguments
+from .catalog import save_split_file
 from .checkpoints import (
     load_checkpoint_state,
     normalized,
@@ -37,6 +38,7 @@ from .evaluation import split_metrics
 from .recipe import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
+SPLITS = "splits"
 SUMMARY_KEYS = ("zero_shot_accuracy", "accuracy", "zero_shot_mean_per_class_accuracy", "mean_per_class_accuracy")
 
 
@@ -109,6 +111,8 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
     if args.resume_from_checkpoint:
         checkpoint, resumed = load_checkpoint_state(args, identity)
     prepare_output_dir(args, identity, accelerator)
+    if accelerator.is_main_process:
+        write_split_files(args, tasks)
 
     clip, processor = load_clip(args.model_name_or_path, attn_implementation=args.attn_implementation)
     if args.gradient_checkpointing:
@@ -137,9 +141,14 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
             seed=args.seed,
         )
     generator = torch.Generator()
-    train_loaders = {
+    train_loaders = {  # Dassl drops the last partial batch when there is at least one full batch
         name: DataLoader(
-            data.train, batch_size=args.batch_size, shuffle=True, generator=generator, collate_fn=train_batcher
+            data.train,
+            batch_size=args.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=train_batcher,
+            drop_last=len(data.train) >= args.batch_size,
         )
         for name, data in tasks.items()
     }
@@ -194,6 +203,14 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         state,
         progress,
     )
+
+
+def write_split_files(args: TrainArguments, tasks: dict[str, FewShotData]) -> None:
+    """The few-shot images of each benchmark task as JSON (`--split_file` reuses one on another machine)."""
+    for name, data in tasks.items():
+        if data.split_indices is not None:
+            path = Path(args.output_dir) / SPLITS / f"{name}.json"
+            save_split_file(path, data.split_source, data.split_indices, shots=args.shots, seed=args.seed)
 
 
 def train_epoch(run: Run, epoch: int) -> None:
