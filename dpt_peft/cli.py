@@ -98,6 +98,8 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    _check_positive(parser, args, "top_k", "batch_size")
+    _check_writable_file(parser, args.output, "--output")
     paths = expand_paths(args.images)
     model, processor = _adapted_model(args)
     predictions = predict(
@@ -119,8 +121,7 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
 def visualize_main(argv: list[str] | None = None) -> list[str]:
     """Class-aware attention maps of each image's top classes (one PNG per image), and with --context the
     vocabulary tokens nearest to each learned context vector."""
-    from PIL import Image
-
+    from .images import open_rgb
     from .plots import save_attention_figure
     from .visualize import class_aware_attention, nearest_context_tokens
 
@@ -130,16 +131,20 @@ def visualize_main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--output_dir", default="outputs/attention")
     parser.add_argument("--context", action="store_true", help="Print the nearest tokens of the learned context.")
     args = parser.parse_args(argv)
+    _check_positive(parser, args, "top_k")
+    paths = expand_paths(args.images)
     model, processor = _adapted_model(args)
     if args.context:
         for position, nearest in enumerate(nearest_context_tokens(model)):
             print(f"context {position}: " + ", ".join(f"{token} ({score:.2f})" for token, score in nearest))
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
-    for prediction in predict(model, expand_paths(args.images), top_k=args.top_k, processor=processor):
-        image = Image.open(prediction.source).convert("RGB")
+    predictions = predict(model, paths, top_k=args.top_k, processor=processor)
+    names = _figure_names([prediction.source for prediction in predictions])
+    for prediction, name in zip(predictions, names):
+        image = open_rgb(prediction.source)
         maps = [class_aware_attention(model, image, label, processor=processor) for label in prediction.labels]
-        path = os.path.join(args.output_dir, os.path.splitext(os.path.basename(prediction.source))[0] + ".png")
+        path = os.path.join(args.output_dir, name)
         title = ", ".join(f"{label} {100 * s:.0f}%" for label, s in zip(prediction.labels, prediction.scores))
         save_attention_figure(image, maps, path, title)
         written.append(path)
@@ -189,6 +194,36 @@ def main(argv: list[str] | None = None) -> None:
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the help, and descriptions as written."""
+
+
+def _figure_names(sources: list[str]) -> list[str]:
+    """One PNG name per image: its file stem, with its parent folder's name (and a counter) where stems repeat."""
+    stems = [os.path.splitext(os.path.basename(source))[0] for source in sources]
+    names, taken = [], set()
+    for source, stem in zip(sources, stems):
+        name = stem if stems.count(stem) == 1 else f"{os.path.basename(os.path.dirname(source))}_{stem}"
+        candidate, counter = name, 1
+        while candidate in taken:
+            counter += 1
+            candidate = f"{name}_{counter}"
+        taken.add(candidate)
+        names.append(candidate + ".png")
+    return names
+
+
+def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} must be at least 1.")
+
+
+def _check_writable_file(parser: argparse.ArgumentParser, path: str, flag: str) -> None:
+    """Before any work: the output can be written where asked."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"{flag} {path} is a directory; give a file name such as predictions.jsonl.")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"{flag} {path}: the folder {folder} does not exist or is not writable.")
 
 
 def _comma_list(text: str | None) -> list[str] | None:

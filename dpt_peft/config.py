@@ -16,6 +16,7 @@ ClassNames = list[str] | dict[str, list[str]]
 DEFAULT_TASK = "default"
 # Recorded from the base model when an adapter is created (checked on load); never set by users.
 BASE_SHAPE_FIELDS = ("vision_hidden_size", "vision_num_layers", "text_hidden_size", "projection_dim")
+RECORDED_FIELDS = (*BASE_SHAPE_FIELDS, "initialized_from")
 INTEGER_FIELDS = (
     "num_text_tokens",
     "num_visual_tokens",
@@ -97,13 +98,24 @@ class DPTConfig(PeftConfig):
             `init_visual_prompts_from_prototypes` on the few-shot training set.
         init_from (`list[str]`, *optional*):
             Source adapters (paths or Hub ids) whose class-agnostic prompts, averaged, initialize this adapter
-            (MVLPT transfer, https://arxiv.org/abs/2211.11720). Class-specific tensors are not copied.
+            (MVLPT transfer, https://arxiv.org/abs/2211.11720). Class-specific tensors are not copied. Applied once,
+            when the adapter is created; then recorded as `initialized_from`.
         pad_text_to_context (`bool`, defaults to `False`):
             Pad class prompts to the text encoder's full context, as the reference does. The default cuts them
             after the longest prompt's end token, which gives the same features (causal attention) faster.
         cache_class_features (`bool`, defaults to `True`):
             Reuse class features between calls when no gradient is needed, until the prompts or class names
             change. `False` recomputes them every call, as the reference does.
+        text_encoding (`"auto"`, `"shared_prefix"` or `"full"`, defaults to `"auto"`):
+            How class prompts go through the text encoder. Their leading tokens (SOT and a shared context, or its
+            first half for `"middle"`) are the same for every class, and causal attention makes their hidden states
+            the same too: `"shared_prefix"` computes them once and lets each class's own tokens attend to them
+            (exact; much cheaper with many classes). `"auto"` uses it whenever there is such a prefix; `"full"`
+            encodes every prompt whole, as the reference. The shared path ignores gradient checkpointing and layer
+            hooks of the text tower.
+        initialized_from (`list[str]`, *optional*):
+            Recorded when `init_from` is applied at creation (which then becomes `None`), so that loading the saved
+            adapter never reads the sources again. Leave it unset.
         vision_hidden_size, vision_num_layers, text_hidden_size, projection_dim (`int`, *optional*):
             Recorded from the base model when the adapter is created; loading into a CLIP with other values fails
             with an error instead of a partial load. Leave them unset.
@@ -152,6 +164,15 @@ class DPTConfig(PeftConfig):
     cache_class_features: bool = field(
         default=True, metadata={"help": "Cache class features at inference until prompts or class names change."}
     )
+    text_encoding: Literal["auto", "shared_prefix", "full"] = field(
+        default="auto",
+        metadata={
+            "help": "Class prompts' text path: 'auto' (shared prefix once when prompts share one), or force one."
+        },
+    )
+    initialized_from: list[str] | None = field(
+        default=None, metadata={"help": "Recorded: the init_from sources applied when the adapter was created."}
+    )
     vision_hidden_size: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
     vision_num_layers: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
     text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
@@ -181,7 +202,7 @@ class DPTConfig(PeftConfig):
         return [
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in inherited and f.name not in BASE_SHAPE_FIELDS and f.name != "class_names"
+            if f.name not in inherited and f.name not in RECORDED_FIELDS and f.name != "class_names"
         ]
 
     @property
@@ -261,6 +282,8 @@ class DPTConfig(PeftConfig):
             raise ValueError(
                 f"zero_shot_template={self.zero_shot_template!r} must contain exactly one '{{}}' for the class name."
             )
+        if self.text_encoding not in ("auto", "shared_prefix", "full"):
+            raise ValueError(f"text_encoding={self.text_encoding!r}; use 'auto', 'shared_prefix' or 'full'.")
         if self.visual_prompt_init not in ("random", "prototype"):
             raise ValueError(f"visual_prompt_init={self.visual_prompt_init!r}; use 'random' or 'prototype'.")
         if isinstance(self.init_from, str):

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor
+
+from .images import UNREADABLE_IMAGE_ERRORS, open_rgb
+from .toy.pretrain import resolve_model_path
 
 logger = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
@@ -51,16 +54,15 @@ def image_processor_for(model) -> object:
     source = model.get_base_model().name_or_path
     if not source:
         raise ValueError("The base model has no name_or_path; pass processor= (its image processor) explicitly.")
-    return AutoImageProcessor.from_pretrained(source)
+    return AutoImageProcessor.from_pretrained(resolve_model_path(source))
 
 
 def load_image(item: ImageInput, index: int) -> tuple[str, Image.Image | torch.Tensor]:
     if isinstance(item, torch.Tensor):
         return f"image[{index}]", item
     if isinstance(item, Image.Image):
-        return f"image[{index}]", item.convert("RGB")
-    with Image.open(item) as image:
-        return str(item), image.convert("RGB")
+        return f"image[{index}]", open_rgb(item)
+    return str(item), open_rgb(item)
 
 
 def to_pixel_values(images: list, processor) -> torch.Tensor:
@@ -101,7 +103,7 @@ def predict(
         for index in range(start, min(start + batch_size, len(items))):
             try:
                 source, image = load_image(items[index], index)
-            except (OSError, UnidentifiedImageError) as err:
+            except UNREADABLE_IMAGE_ERRORS as err:
                 logger.warning("Skipping %s: not a readable image (%s)", items[index], err)
                 continue
             sources.append(source)

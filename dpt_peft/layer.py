@@ -185,11 +185,16 @@ class TextContextEmbeddings(nn.Module, DPTLayer):
         layout = self.context.prompt_layout
         if adapter is None or layout is None or adapter not in self.dpt_context:
             return self.base_layer(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
-        token_embeds = self.base_layer.token_embedding(input_ids)
-        context = self.dpt_context[adapter]
-        context_rows = context.reshape(-1, context.shape[-1])[layout.context_index].to(token_embeds.dtype)
-        embeds = torch.where(layout.context_mask.unsqueeze(-1), context_rows, token_embeds)
+        embeds = self.prompt_embeddings(input_ids, layout, adapter)
         return self.base_layer(position_ids=position_ids, inputs_embeds=embeds)
+
+    def prompt_embeddings(self, input_ids: torch.Tensor, layout: PromptLayout, adapter_name: str) -> torch.Tensor:
+        """Token embeddings `[C, T, E]` of class prompts with the learned context in place of the placeholders
+        (no position embeddings yet)."""
+        token_embeds = self.base_layer.token_embedding(input_ids)
+        context = self.dpt_context[adapter_name]
+        context_rows = context.reshape(-1, context.shape[-1])[layout.context_index].to(token_embeds.dtype)
+        return torch.where(layout.context_mask.unsqueeze(-1), context_rows, token_embeds)
 
 
 class VisionPromptLayer(nn.Module, DPTLayer):

@@ -9,18 +9,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoImageProcessor, CLIPModel
 
-from .toy.pretrain import toy_clip_path
-
-
-def base_model_path(model_name_or_path: str | None) -> str:
-    """The CLIP to use: the one given, or the toy CLIP of the embedded default."""
-    return model_name_or_path or toy_clip_path()
+from .toy.pretrain import TOY_CLIP_ID, resolve_model_path
 
 
 def load_clip(model_name_or_path: str | None = None, **kwargs: Any) -> tuple[CLIPModel, Any]:
-    """Base CLIP and its image processor; `kwargs` go to `CLIPModel.from_pretrained` (e.g. attn_implementation)."""
-    path = base_model_path(model_name_or_path)
-    return CLIPModel.from_pretrained(path, **kwargs), AutoImageProcessor.from_pretrained(path)
+    """Base CLIP and its image processor; `kwargs` go to `CLIPModel.from_pretrained` (e.g. attn_implementation).
+
+    Without a name, the toy CLIP of the embedded default, named `TOY_CLIP_ID` so that adapters trained on it record
+    no path of this machine.
+    """
+    name = model_name_or_path or TOY_CLIP_ID
+    path = resolve_model_path(name)
+    clip = CLIPModel.from_pretrained(path, **kwargs)
+    if name == TOY_CLIP_ID:
+        clip.name_or_path = TOY_CLIP_ID
+    return clip, AutoImageProcessor.from_pretrained(path)
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:

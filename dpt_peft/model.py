@@ -28,6 +28,8 @@ from .layer import (
 )
 from .losses import class_aware_cross_entropy, guidance_loss
 from .outputs import DPTOutput
+from .shared_prefix import encode_with_shared_prefix, shared_prefix_length
+from .toy.pretrain import resolve_model_path
 from .transfer import copy_shared_tensors, shared_source_tensors
 
 TEXT_EMBEDDINGS_KEY = "text_model.embeddings"
@@ -94,6 +96,8 @@ class DPTModel(BaseTuner):
             except ValueError:
                 self._roll_back_injection(adapter_name)
                 raise
+            # Applied once, at creation: the saved adapter holds the result, so loading it never needs the sources.
+            config.initialized_from, config.init_from = config.init_from, None
 
     def _roll_back_injection(self, adapter_name: str) -> None:
         """Remove an adapter that was injected but could not be initialized; the first one leaves no wrapper."""
@@ -128,7 +132,8 @@ class DPTModel(BaseTuner):
         return self.model.config.text_config.max_position_embeddings
 
     def _load_tokenizer(self, config: DPTConfig) -> PreTrainedTokenizerBase:
-        source = config.tokenizer_name_or_path or config.base_model_name_or_path or self.model.name_or_path
+        # The CLIP passed in comes first: the path recorded at training time may not exist on this machine.
+        source = config.tokenizer_name_or_path or self.model.name_or_path or config.base_model_name_or_path
         if not source:
             raise ValueError(
                 "No CLIP tokenizer found: the base model has no name_or_path (built from a config?). Set "
@@ -138,7 +143,7 @@ class DPTModel(BaseTuner):
             if tokenizer.name_or_path == source:
                 return tokenizer
         try:
-            return AutoTokenizer.from_pretrained(source)
+            return AutoTokenizer.from_pretrained(resolve_model_path(source))
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"Could not load a CLIP tokenizer from {source!r} ({err}). Set tokenizer_name_or_path in DPTConfig "
@@ -380,11 +385,35 @@ class DPTModel(BaseTuner):
         weight = self.model.text_projection.weight
         return (weight.device, weight.dtype, torch.is_autocast_enabled(weight.device.type))
 
-    def encode_text(self, input_ids: torch.Tensor, layout: PromptLayout | None = None) -> torch.Tensor:
-        """Text features `[C, P]` of token ids; with a `layout`, its placeholders become the learned context."""
+    def encode_text(
+        self, input_ids: torch.Tensor, layout: PromptLayout | None = None, adapter_name: str | None = None
+    ) -> torch.Tensor:
+        """Text features `[C, P]` of token ids; with a `layout`, its placeholders become the learned context.
+
+        Class prompts that share leading tokens (SOT + a shared context) go through `encode_with_shared_prefix`,
+        which computes those positions once instead of once per class; `text_encoding` picks or forces the path.
+        """
         device = self.model.text_projection.weight.device
-        with self.forward_context(prompt_layout=None if layout is None else layout.to(device)):
-            return self.model.get_text_features(input_ids=input_ids.to(device)).pooler_output
+        input_ids = input_ids.to(device)
+        layout = None if layout is None else layout.to(device)
+        adapter_name = adapter_name or self._active
+        prefix_length = self._shared_prefix_length(layout, adapter_name)
+        if prefix_length:
+            embeddings = self.model.text_model.embeddings.prompt_embeddings(input_ids, layout, adapter_name)
+            pooled = encode_with_shared_prefix(self.model.text_model, embeddings, input_ids, prefix_length)
+            return self.model.text_projection(pooled)
+        with self.forward_context(prompt_layout=layout):
+            return self.model.get_text_features(input_ids=input_ids).pooler_output
+
+    def _shared_prefix_length(self, layout: PromptLayout | None, adapter_name: str) -> int:
+        """Length of the prefix to encode once, or 0 for the full path (no layout, or `text_encoding` says so)."""
+        mode = self.peft_config[adapter_name].text_encoding
+        if layout is None or mode == "full" or self.text_context(adapter_name) is None:
+            return 0
+        length = shared_prefix_length(layout)
+        if mode == "shared_prefix":
+            return length
+        return length if length >= 2 and len(layout.input_ids) >= 2 else 0  # auto: something to share
 
     def zero_shot_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
         """Frozen text features of `zero_shot_template` for each class `[C, P]` (cached per class set)."""
@@ -393,7 +422,7 @@ class DPTModel(BaseTuner):
 
         def compute() -> torch.Tensor:
             with self.forward_context(bypass=True):
-                return self.encode_text(classes.template_ids)
+                return self.encode_text(classes.template_ids, adapter_name=adapter_name)
 
         enabled = self.peft_config[adapter_name].cache_class_features
         with torch.no_grad():
@@ -412,7 +441,7 @@ class DPTModel(BaseTuner):
         return self.feature_cache.get(
             (adapter_name, classes.names, "learned"),
             stamp,
-            lambda: self.encode_text(classes.prompt_layout.input_ids, classes.prompt_layout),
+            lambda: self.encode_text(classes.prompt_layout.input_ids, classes.prompt_layout, adapter_name),
             self.peft_config[adapter_name].cache_class_features,
         )
 
@@ -452,6 +481,8 @@ class DPTModel(BaseTuner):
         adapter_name = self._active
         config: DPTConfig = self.peft_config[adapter_name]
         classes = self.task_classes(adapter_name, task)
+        labels = _checked_labels(labels, len(pixel_values), classes.num_classes) if labels is not None else None
+        _check_pixel_values(pixel_values)
         text = self.class_text_features(task, adapter_name)
         need_zero_shot = config.class_aware or guidance or output_zero_shot_logits
         zero_shot_logits = zero_shot_image = zero_shot_text = top_k = None
@@ -495,3 +526,40 @@ class DPTModel(BaseTuner):
             image_embeds=image,
             text_embeds=text,
         )
+
+
+def _check_pixel_values(pixel_values: torch.Tensor) -> None:
+    """Catch the usual mistakes before they become shape errors deep inside CLIP."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a tensor [batch, 3, height, width], got {type(pixel_values).__name__}.")
+    if pixel_values.dim() == 3:
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}, one image without a batch dimension; pass "
+            "pixel_values.unsqueeze(0)."
+        )
+    if pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
+        raise ValueError(
+            f"pixel_values must be a non-empty batch [batch, 3, height, width], got {tuple(pixel_values.shape)}."
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values are {pixel_values.dtype}, raw pixel values; normalize them with the base model's image "
+            "processor (processor(images=..., return_tensors='pt').pixel_values)."
+        )
+
+
+def _checked_labels(labels, batch_size: int, num_classes: int) -> torch.Tensor:
+    """Class indices `[batch]` (lists are accepted); one-hot or out-of-range labels get an error saying the fix."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() == 2 and labels.shape == (batch_size, num_classes):
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)}, one-hot; pass class indices of shape [batch]: labels.argmax(-1)."
+        )
+    if labels.dim() != 1 or len(labels) != batch_size or labels.is_floating_point():
+        raise ValueError(
+            f"labels must be integer class indices of shape [{batch_size}] (one per image), got {labels.dtype} of "
+            f"shape {tuple(labels.shape)}."
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1} (the task's classes), got {labels.tolist()}.")
+    return labels.long()

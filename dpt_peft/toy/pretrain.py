@@ -22,6 +22,8 @@ from .shapes import IMAGE_SIZE, VOCABULARY, captions, render
 from .tokenizer import build_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
+# What adapters trained on the toy CLIP record as their base model: a name, not this machine's install path.
+TOY_CLIP_ID = "dpt-peft/toy-clip"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -117,6 +119,11 @@ def toy_clip_path(cache_dir: str | os.PathLike | None = None) -> str:
         print(f"Pre-training the toy CLIP into {cache} (about 3 minutes on 2 CPU cores, once)...", flush=True)
         pretrain(cache)
     return str(cache)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A model source to load from: the toy CLIP's id becomes its directory, anything else is returned as is."""
+    return toy_clip_path() if name_or_path == TOY_CLIP_ID else name_or_path
 
 
 def main() -> None:

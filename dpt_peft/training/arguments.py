@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,9 +124,26 @@ class TrainArguments:
     def __post_init__(self) -> None:
         if self.augment is None:
             self.augment = not self.is_toy_task
-        for name in ("shots", "epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+        for name in (
+            "shots",
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "prototype_max_images",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)} must be at least 1.")
+        for name in ("visual_lr", "text_lr", "warmup_lr"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"--{name} {getattr(self, name)} must be a positive, finite learning rate.")
+        for name in ("visual_warmup_epochs", "text_warmup_epochs", "guidance_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name} {getattr(self, name)} must be 0 or more epochs.")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"--min_crop_scale {self.min_crop_scale} is an area fraction: use a value in (0, 1].")
+        if not 0 <= self.momentum < 1 or not 0 <= self.weight_decay < 1:
+            raise ValueError("--momentum and --weight_decay must lie in [0, 1).")
         benchmark = [name for name in self.datasets if name in COOP_DATASETS]
         if benchmark and not self.data_root:
             raise ValueError(

@@ -6,7 +6,6 @@ skipped with a warning naming it (and counted) instead of stopping a long run.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
 from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
 
+from ..images import UNREADABLE_IMAGE_ERRORS, open_rgb
 from ..loading import read_class_names
 from .catalog import COOP_DATASETS, apply_split, load_coop_dataset, load_split_file, subsample_classes
 from .catalog import few_shot_split as coop_few_shot_split
@@ -45,7 +44,7 @@ def load_image_dataset(name_or_path: str, seed: int = 0, data_root: str | None =
 
         return toy_dataset(name_or_path[len(TOY_PREFIX) :], seed=seed)
     if os.path.isdir(name_or_path):
-        return load_dataset("imagefolder", data_dir=name_or_path)
+        return _load_imagefolder(name_or_path)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:  # a Hub id is "name" or "owner/name"
         raise FileNotFoundError(
@@ -53,6 +52,20 @@ def load_image_dataset(name_or_path: str, seed: int = 0, data_root: str | None =
             "a Hub dataset name."
         )
     return load_dataset(name_or_path)
+
+
+def _load_imagefolder(path: str) -> DatasetDict:
+    """A local folder with one subfolder per class; a flat or one-class folder gets an error saying so."""
+    dataset = load_dataset("imagefolder", data_dir=path)
+    first = next(iter(dataset.values()))
+    label = first.features.get("label")
+    if not isinstance(label, ClassLabel) or len(label.names) < 2:
+        found = f"only the class {label.names[0]!r}" if isinstance(label, ClassLabel) else "no class subfolders"
+        raise ValueError(
+            f"--dataset {path} is an image folder with {found}; classification needs one subfolder per class and at "
+            f"least two of them ({path}/cat/1.jpg, {path}/dog/2.jpg, ...)."
+        )
+    return dataset
 
 
 def load_checked_split(
@@ -115,9 +128,9 @@ def check_labels(dataset: Dataset, label_column: str, class_names: list[str]) ->
 
 
 def few_shot_split(
-    dataset: Dataset, label_column: str, class_names: list[str], shots: int, seed: int
+    dataset: Dataset, label_column: str, class_names: list[str], shots: int, seed: int, image_column: str = "image"
 ) -> tuple[Dataset, Dataset]:
-    """`shots` images per class (seeded) for training, and every other image untouched."""
+    """`shots` readable images per class (seeded) for training, and every other image untouched."""
     labels = np.asarray(dataset[label_column])
     rng = np.random.default_rng(seed)
     chosen = []
@@ -128,9 +141,56 @@ def few_shot_split(
                 f"Class {name!r} has {len(members)} images, fewer than --shots {shots}; lower --shots or add images."
             )
         chosen.extend(rng.choice(members, size=shots, replace=False).tolist())
+    chosen = replace_unreadable_shots(dataset, chosen, label_column, image_column, class_names, seed)
     chosen_set = set(chosen)
     rest = [i for i in range(len(dataset)) if i not in chosen_set]
     return dataset.select(sorted(chosen)), dataset.select(rest)
+
+
+def replace_unreadable_shots(
+    dataset: Dataset, chosen: list[int], label_column: str, image_column: str, class_names: list[str], seed: int
+) -> list[int]:
+    """`chosen` with every image that cannot be decoded replaced by a readable image of its class that was not
+    chosen (drawn with a generator seeded by `seed`); an error naming the class when it has too few readable images.
+
+    Each chosen image is decoded once here, so a few-shot set never trains on fewer images than asked for.
+    """
+    view = undecoded(dataset, image_column)
+    labels = np.asarray(dataset[label_column])
+    taken = set(chosen)
+    spares: dict[int, list[int]] = {}
+    result = []
+    for index in chosen:
+        label = int(labels[index])
+        candidate = index
+        while not _readable(view[candidate][image_column], candidate):
+            if label not in spares:
+                others = [int(i) for i in np.flatnonzero(labels == label) if i not in taken]
+                spares[label] = np.random.default_rng([seed, label]).permutation(others).tolist()
+            if not spares[label]:
+                raise ValueError(
+                    f"Class {class_names[label]!r} has too few readable images for the few-shot set (unreadable ones "
+                    "are logged above); lower --shots, or fix or add images of that class."
+                )
+            candidate = spares[label].pop(0)
+            taken.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def _readable(value, index: int) -> bool:
+    try:
+        decode_image_value(value)
+    except (*UNREADABLE_IMAGE_ERRORS, KeyError) as err:
+        where = value.get("path") if isinstance(value, dict) else None
+        logger.warning(
+            "Few-shot image %s is unreadable (%s: %s); drawing another of its class.",
+            where or index,
+            type(err).__name__,
+            err,
+        )
+        return False
+    return True
 
 
 def undecoded(dataset: Dataset, image_column: str) -> Dataset:
@@ -180,23 +240,14 @@ class ImageBatcher:
         crop = getattr(self.processor, "crop_size", None) or {}
         return int(crop.get("height") or self.processor.size.get("shortest_edge"))
 
-    def _decode(self, value) -> PILImage.Image:
-        if isinstance(value, PILImage.Image):
-            return value.convert("RGB")
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        image = PILImage.open(source)
-        image.load()
-        return image.convert("RGB")
-
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor] | None:
         images, labels = [], []
         for row in rows:
+            value = row[self.image_column]
             try:
-                image = self._decode(row[self.image_column])
-            except (OSError, UnidentifiedImageError, ValueError, KeyError) as err:
-                where = row[self.image_column].get("path") if isinstance(row[self.image_column], dict) else None
-                self.skipped.append(str(where))
-                logger.warning("Skipping unreadable image %s (%s)", where, err)
+                image = decode_image_value(value)
+            except (*UNREADABLE_IMAGE_ERRORS, KeyError) as err:
+                self._skip(value, err)
                 continue
             if self.train:
                 rng = np.random.default_rng([self.seed, self.epoch, int(row["__index__"])])
@@ -209,6 +260,20 @@ class ImageBatcher:
             return None
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long)}
+
+    def _skip(self, value, err: Exception) -> None:
+        """Log and count an unreadable image once, however many epochs meet it."""
+        where = str(value.get("path") if isinstance(value, dict) else value)
+        if where not in self.skipped:
+            self.skipped.append(where)
+            logger.warning("Skipping unreadable image %s (%s: %s)", where, type(err).__name__, err)
+
+
+def decode_image_value(value) -> PILImage.Image:
+    """A `datasets` image value (PIL image, or `{"bytes", "path"}` when not decoded) as 8-bit RGB."""
+    if isinstance(value, PILImage.Image):
+        return open_rgb(value)
+    return open_rgb(value["bytes"] if value.get("bytes") else value["path"])
 
 
 def with_index(dataset: Dataset) -> Dataset:
@@ -247,7 +312,7 @@ def load_task(args: TrainArguments, name: str) -> FewShotData:
         split_flag="--train_split",
         subsample=args.subsample_classes,
     )
-    train, rest = few_shot_split(pool, args.label_column, class_names, args.shots, args.seed)
+    train, rest = few_shot_split(pool, args.label_column, class_names, args.shots, args.seed, args.image_column)
     test = dataset[args.test_split] if args.test_split and args.test_split in dataset else rest
     check_columns(test, args.image_column, args.label_column)
     check_labels(test, args.label_column, class_names)
@@ -262,6 +327,9 @@ def load_benchmark_task(args: TrainArguments, name: str) -> FewShotData:
         indices = load_split_file(args.split_file, dataset)
     else:
         indices = coop_few_shot_split(dataset, args.shots, args.seed)
+        train = dataset["train"]
+        names = train.features["label"].names
+        indices["train"] = replace_unreadable_shots(train, indices["train"], "label", "image", names, args.seed)
     chosen = subsample_classes(apply_split(dataset, indices), args.subsample_classes)
     class_names = list(chosen["test"].features["label"].names)
     val = chosen["val"] if "val" in indices else None

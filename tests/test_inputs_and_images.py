@@ -1,0 +1,174 @@
+"""Bad input gets an error naming the field and the fix; every image is decoded the same, robust way; adapters
+load without the paths and sources they were made from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import CLASS_NAMES, save_tiny_clip
+from peft import PeftModel, get_peft_model
+from PIL import Image
+from transformers import CLIPModel
+
+from dpt_peft import DPTConfig, predict
+from dpt_peft.cli import _figure_names, predict_main, train_main
+from dpt_peft.images import open_rgb
+from dpt_peft.training.arguments import parse_args
+from dpt_peft.training.data import ImageBatcher, few_shot_split, load_image_dataset, undecoded
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("class_aware_loss_weight", float("nan"), "class_aware_loss_weight=nan must be a finite number"),
+        ("prompt_init_std", float("inf"), "prompt_init_std=inf must be a finite number"),
+        ("num_text_tokens", 4.5, "num_text_tokens=4.5 must be a whole number"),
+        ("class_aware_top_k", True, "class_aware_top_k=True must be a whole number"),
+        ("visual_depth", "3", "visual_depth='3' must be a whole number"),
+    ],
+)
+def test_config_rejects_non_finite_and_non_integer_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DPTConfig(class_names=CLASS_NAMES, **{field: value})
+
+
+@pytest.fixture
+def model(clip):
+    return get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES)).eval()
+
+
+def test_forward_input_mistakes_are_named(model, pixel_values, labels):
+    with pytest.raises(ValueError, match=r"without a batch dimension; pass pixel_values.unsqueeze\(0\)"):
+        model(pixel_values=pixel_values[0])
+    with pytest.raises(ValueError, match="non-empty batch"):
+        model(pixel_values=pixel_values[:0])
+    with pytest.raises(ValueError, match="torch.uint8, raw pixel values; normalize them"):
+        model(pixel_values=(pixel_values * 50).clamp(0, 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"one-hot; pass class indices.*argmax"):
+        model(pixel_values=pixel_values, labels=torch.nn.functional.one_hot(labels, len(CLASS_NAMES)))
+    with pytest.raises(ValueError, match=r"labels must lie in 0..4"):
+        model(pixel_values=pixel_values, labels=torch.tensor([0, 1, 2, 9]))
+    with torch.no_grad():
+        from_list = model(pixel_values=pixel_values, labels=labels.tolist()).loss
+        from_tensor = model(pixel_values=pixel_values, labels=labels).loss
+    torch.testing.assert_close(from_list, from_tensor)
+
+
+def test_high_bit_depth_and_float_images_are_scaled_not_clipped(tmp_path):
+    grey16 = np.full((8, 8), 32768, dtype=np.uint16)  # half of full scale
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert np.asarray(Image.open(tmp_path / "grey16.png").convert("RGB")).max() == 255  # what convert() alone does
+    assert np.asarray(open_rgb(tmp_path / "grey16.png")) == pytest.approx(np.full((8, 8, 3), 128), abs=1)
+    floats = Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32))
+    assert np.asarray(open_rgb(floats)) == pytest.approx(np.full((8, 8, 3), 64), abs=1)
+
+
+def test_a_decompression_bomb_is_skipped_and_counted_once(tmp_path, monkeypatch, model):
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "bomb.png")
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(tmp_path / "fine.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 40x40 = 1600 pixels > 2 x 300: DecompressionBombError
+    paths = [tmp_path / "bomb.png", tmp_path / "fine.png"]
+    processor = __import__("dpt_peft.toy.pretrain", fromlist=["image_processor"]).image_processor()
+    assert [p.source for p in predict(model, paths, processor=processor)] == [str(tmp_path / "fine.png")]
+    batcher = ImageBatcher(processor, "image", "label")
+    rows = [{"image": {"path": str(p), "bytes": None}, "label": 0} for p in paths]
+    for _ in range(3):  # three epochs meet the same bad image
+        assert batcher(rows)["pixel_values"].shape[0] == 1
+    assert batcher.skipped == [str(tmp_path / "bomb.png")]
+
+
+def image_folder(root, per_class: int = 3, broken: dict[str, int] | None = None):
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            path = root / name / f"{i}.png"
+            if i < (broken or {}).get(name, 0):
+                path.write_bytes(b"not a png")
+            else:
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def test_an_unreadable_shot_is_replaced_by_another_image_of_its_class(tmp_path):
+    dataset = load_image_dataset(str(image_folder(tmp_path / "data", per_class=4, broken={"cat": 2})))["train"]
+    train, rest = few_shot_split(dataset, "label", ["cat", "dog"], shots=2, seed=0)
+    view = undecoded(train, "image")
+    assert sorted(view["label"]) == [0, 0, 1, 1] and len(rest) == 4
+    for row in view:
+        open_rgb(row["image"]["path"])  # every chosen shot decodes
+    with pytest.raises(ValueError, match="Class 'cat' has too few readable images"):
+        few_shot_split(dataset, "label", ["cat", "dog"], shots=3, seed=0)
+
+
+def test_a_flat_or_one_class_folder_is_explained(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(flat / f"{i}.png")
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        load_image_dataset(str(flat))
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    shutil.copy(flat / "0.png", tmp_path / "one" / "cat" / "0.png")
+    shutil.copy(flat / "1.png", tmp_path / "one" / "cat" / "1.png")
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        load_image_dataset(str(tmp_path / "one"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--min_crop_scale", "5"], "area fraction"),
+        (["--visual_lr", "-1"], "positive, finite learning rate"),
+        (["--text_lr", "inf"], "positive, finite learning rate"),
+        (["--guidance_epochs", "-2"], "0 or more epochs"),
+        (["--prototype_max_images", "0"], "at least 1"),
+    ],
+)
+def test_training_flags_are_checked(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(flags)
+
+
+def test_predict_checks_its_flags_and_output_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        predict_main(["--adapter", "missing", str(tmp_path), "--top_k", "0"])
+    assert "--top_k 0 must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict_main(["--adapter", "missing", str(tmp_path), "--output", str(tmp_path / "no" / "such.jsonl")])
+    assert "does not exist or is not writable" in capsys.readouterr().err
+
+
+def test_visualize_names_every_figure_uniquely():
+    names = _figure_names(["a/cat.png", "b/cat.jpg", "b/cat.png", "c/dog.png"])
+    assert len(set(names)) == 4 and names[-1] == "dog.png"
+
+
+def test_an_adapter_loads_after_its_clip_moved_and_its_sources_were_deleted(tmp_path, pixel_values):
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    source = get_peft_model(CLIPModel.from_pretrained(clip_dir), DPTConfig(class_names=CLASS_NAMES))
+    source.save_pretrained(tmp_path / "source")
+    model = get_peft_model(
+        CLIPModel.from_pretrained(clip_dir), DPTConfig(class_names=CLASS_NAMES, init_from=[str(tmp_path / "source")])
+    ).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_from"] is None and saved["initialized_from"] == [str(tmp_path / "source")]
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values).logits
+    shutil.rmtree(tmp_path / "source")
+    shutil.move(clip_dir, tmp_path / "moved")  # the recorded base_model_name_or_path no longer exists
+    loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(tmp_path / "moved"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, expected)
+
+
+def test_toy_adapters_record_no_path_of_this_machine(tmp_path):
+    train_main(["--epochs", "1", "--shots", "2", "--report_to", "none", "--output_dir", str(tmp_path)])
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "dpt-peft/toy-clip"
+    assert not [value for value in config.values() if isinstance(value, str) and value.startswith("/")]
