@@ -27,15 +27,25 @@ from torch.utils.flop_counter import FlopCounterMode
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def _build(shape: str, method: str, num_classes: int, baseline: bool, tokenizer_dir: str, device: str):
+def _build(
+    shape: str,
+    method: str,
+    num_classes: int,
+    baseline: bool,
+    tokenizer_dir: str,
+    device: str,
+    text_encoding: str = "auto",
+):
     from peft import get_peft_model
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     import dpt_peft  # noqa: F401
     from dpt_peft import DPTConfig
 
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(**SHAPES[shape]))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    torch.manual_seed(0)  # the text config pools at the tokenizer's own end token, as a real CLIP does
+    clip = CLIPModel(CLIPConfig(**{**SHAPES[shape], "text_config": {**SHAPES[shape]["text_config"], **special}}))
     clip.config._attn_implementation = "eager" if baseline else "sdpa"
     for config in (clip.config, clip.config.text_config, clip.config.vision_config):
         config._attn_implementation = clip.config._attn_implementation
@@ -45,6 +55,7 @@ def _build(shape: str, method: str, num_classes: int, baseline: bool, tokenizer_
         tokenizer_name_or_path=tokenizer_dir,
         pad_text_to_context=baseline,
         cache_class_features=not baseline,
+        text_encoding="full" if baseline else text_encoding,
     )
     return get_peft_model(clip, config).to(device)
 
@@ -71,9 +82,11 @@ def measure(
     warmup: int,
     tokenizer_dir: str,
     device: str,
+    text_encoding: str = "auto",
 ) -> dict:
-    """One configuration: training step time, inference images/s, FLOPs per step, peak memory."""
-    model = _build(shape, method, num_classes, baseline, tokenizer_dir, device)
+    """One configuration: training step time, the text side's share of it, inference images/s, FLOPs per step,
+    peak memory."""
+    model = _build(shape, method, num_classes, baseline, tokenizer_dir, device, text_encoding)
     size = SHAPES[shape]["vision_config"]["image_size"]
     pixels = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
@@ -102,6 +115,23 @@ def measure(
     _synchronize(device)
     step_seconds = (time.perf_counter() - start) / steps
 
+    def text_step() -> None:
+        """The class side of a training step alone: every class prompt through the text encoder, and back."""
+        with autocast:
+            features = model.base_model.class_text_features()
+        if features.requires_grad:
+            features.float().square().mean().backward()
+
+    with FlopCounterMode(display=False) as text_counter:
+        text_step()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        text_step()
+    _synchronize(device)
+    text_seconds = (time.perf_counter() - start) / steps
+    optimizer.zero_grad(set_to_none=True)
+
     model.eval()
     with torch.no_grad(), autocast:
         model(pixel_values=pixels)  # warm-up (and, on our path, the class-feature cache)
@@ -117,15 +147,20 @@ def measure(
         "images_per_s": batch_size / step_seconds,
         "infer_images_per_s": batch_size / infer_seconds,
         "flops_per_step": counter.get_total_flops(),
+        "text_ms": 1000 * text_seconds,
+        "text_share": text_seconds / step_seconds,
+        "text_flops_per_step": text_counter.get_total_flops(),
         "peak_mem_mb": peak,
     }
 
 
-def logits_difference(shape: str, method: str, num_classes: int, tokenizer_dir: str, device: str) -> float:
+def logits_difference(
+    shape: str, method: str, num_classes: int, tokenizer_dir: str, device: str, text_encoding: str
+) -> float:
     """Max |logit| difference between the two paths in fp32 (same weights): our shortcuts must be exact."""
     results = []
     for baseline in (True, False):
-        model = _build(shape, method, num_classes, baseline, tokenizer_dir, device).eval()
+        model = _build(shape, method, num_classes, baseline, tokenizer_dir, device, text_encoding).eval()
         size = SHAPES[shape]["vision_config"]["image_size"]
         pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
         with torch.no_grad():
@@ -144,15 +179,17 @@ def _child(args: argparse.Namespace) -> None:
         args.warmup,
         args.tokenizer_dir,
         args.device,
+        args.text_encoding,
     )
     if not args.baseline:
         result["max_logit_diff_fp32"] = logits_difference(
-            args.shape, args.method, args.num_classes, args.tokenizer_dir, args.device
+            args.shape, args.method, args.num_classes, args.tokenizer_dir, args.device, args.text_encoding
         )
     print("RESULT " + json.dumps(result))
 
 
-def _run_child(args, method: str, num_classes: int, baseline: bool, tokenizer_dir: str) -> dict:
+def _run_child(args, method: str, num_classes: int, baseline: bool, tokenizer_dir: str, text_encoding: str) -> dict:
+    """One configuration in its own process; `{"error": ...}` when it fails (e.g. the baseline does not fit)."""
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -173,12 +210,16 @@ def _run_child(args, method: str, num_classes: int, baseline: bool, tokenizer_di
         str(args.warmup),
         "--tokenizer_dir",
         tokenizer_dir,
+        "--text_encoding",
+        text_encoding,
     ]
     if baseline:
         command.append("--baseline")
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        raise RuntimeError(f"benchmark child failed: {' '.join(command)}\n{completed.stderr[-3000:]}")
+        reason = "killed (out of memory?)" if completed.returncode in (-9, 137) else completed.stderr.strip()[-500:]
+        print(f"  {'baseline' if baseline else text_encoding} run failed: {reason}", flush=True)
+        return {"error": reason}
     line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
 
@@ -194,7 +235,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--text_encodings", nargs="+", default=["auto", "full"], help="Our path's text encodings, one row each."
+    )
     parser.add_argument("--json", help="Write the rows here.")
+    parser.add_argument("--skip_baseline", action="store_true", help="Only our path (the baseline is slow).")
+    parser.add_argument("--text_encoding", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -214,46 +260,61 @@ def main() -> None:
         build_clip_tokenizer(["class"]).save_pretrained(tokenizer_dir)
         for method in args.methods:
             for num_classes in args.classes:
-                base = _run_child(args, method, num_classes, True, tokenizer_dir)
-                ours = _run_child(args, method, num_classes, False, tokenizer_dir)
-                achieved = ours["flops_per_step"] / (ours["step_ms"] / 1000) / 1e12
-                rows.append(
-                    {
-                        "method": method,
-                        "num_classes": num_classes,
-                        "shape": args.shape,
-                        "device": device_name,
-                        "batch_size": args.batch_size,
-                        "baseline_images_per_s": base["images_per_s"],
-                        "images_per_s": ours["images_per_s"],
-                        "speedup": ours["images_per_s"] / base["images_per_s"],
-                        "baseline_step_ms": base["step_ms"],
-                        "step_ms": ours["step_ms"],
-                        "baseline_infer_images_per_s": base["infer_images_per_s"],
-                        "infer_images_per_s": ours["infer_images_per_s"],
-                        "infer_speedup": ours["infer_images_per_s"] / base["infer_images_per_s"],
-                        "baseline_peak_mem_mb": base["peak_mem_mb"],
-                        "peak_mem_mb": ours["peak_mem_mb"],
-                        "baseline_flops_per_step": base["flops_per_step"],
-                        "flops_per_step": ours["flops_per_step"],
-                        "achieved_tflops": achieved,
-                        "peak_share": achieved / peak if peak else None,
-                        "max_logit_diff_fp32": ours["max_logit_diff_fp32"],
-                    }
-                )
-                row = rows[-1]
-                print(
-                    f"{method:5} {num_classes:5} classes: train {row['baseline_images_per_s']:8.1f} -> "
-                    f"{row['images_per_s']:8.1f} img/s ({row['speedup']:.2f}x), infer "
-                    f"{row['baseline_infer_images_per_s']:8.1f} -> {row['infer_images_per_s']:8.1f} img/s "
-                    f"({row['infer_speedup']:.2f}x), peak {row['baseline_peak_mem_mb']:.0f} -> "
-                    f"{row['peak_mem_mb']:.0f} MB, |dlogit| {row['max_logit_diff_fp32']:.1e}",
-                    flush=True,
-                )
+                base = {} if args.skip_baseline else _run_child(args, method, num_classes, True, tokenizer_dir, "full")
+                for text_encoding in args.text_encodings:
+                    ours = _run_child(args, method, num_classes, False, tokenizer_dir, text_encoding)
+                    rows.append(_row(args, method, num_classes, text_encoding, base, ours, device_name, peak))
+                    _print_row(rows[-1])
     print(f"device: {device_name}; shape: {args.shape}; batch {args.batch_size}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def _row(args, method, num_classes, text_encoding, base: dict, ours: dict, device_name: str, peak) -> dict:
+    """One table row: our path with one text encoding next to the baseline (None where a run failed)."""
+    achieved = _ratio(ours.get("flops_per_step"), (ours.get("step_ms") or 0) / 1000)
+    achieved = achieved / 1e12 if achieved else None
+    row = {
+        "method": method,
+        "num_classes": num_classes,
+        "text_encoding": text_encoding,
+        "shape": args.shape,
+        "device": device_name,
+        "batch_size": args.batch_size,
+        "baseline_error": base.get("error"),
+        "error": ours.get("error"),
+        "achieved_tflops": achieved,
+        "peak_share": achieved / peak if achieved and peak else None,
+        "speedup": _ratio(ours.get("images_per_s"), base.get("images_per_s")),
+        "infer_speedup": _ratio(ours.get("infer_images_per_s"), base.get("infer_images_per_s")),
+    }
+    for key in ("images_per_s", "step_ms", "infer_images_per_s", "peak_mem_mb", "flops_per_step"):
+        row[f"baseline_{key}"] = base.get(key)
+        row[key] = ours.get(key)
+    for key in ("text_ms", "text_share", "text_flops_per_step", "max_logit_diff_fp32"):
+        row[key] = ours.get(key)
+    return row
+
+
+def _print_row(row: dict) -> None:
+    def show(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    print(
+        f"{row['method']:5} {row['num_classes']:5} classes, text {row['text_encoding']:5}: train "
+        f"{show(row['baseline_images_per_s'], '8.2f')} -> {show(row['images_per_s'], '8.2f')} img/s "
+        f"({show(row['speedup'], '.2f')}x), text share {show(row['text_share'], '.0%')}, "
+        f"GFLOP/step {show(row['flops_per_step'] and row['flops_per_step'] / 1e9, '.0f')}, infer "
+        f"{show(row['baseline_infer_images_per_s'], '8.1f')} -> {show(row['infer_images_per_s'], '8.1f')} img/s, "
+        f"peak {show(row['baseline_peak_mem_mb'], '.0f')} -> {show(row['peak_mem_mb'], '.0f')} MB, "
+        f"|dlogit| {show(row['max_logit_diff_fp32'], '.1e')}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

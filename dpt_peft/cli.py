@@ -170,12 +170,44 @@ def ablation_main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def benchmark_main(argv: list[str] | None = None) -> str:
+    """The paper's protocols on the CoOp datasets (few_shot, base_to_new, cross_dataset, domain_generalization): a
+    resumable grid of runs, then results.md, results.csv and plots. Unknown flags go to every training run."""
+    from .training.benchmark import FEW_SHOT_DATASETS, PROTOCOLS, benchmark
+
+    parser = argparse.ArgumentParser(description=benchmark_main.__doc__, formatter_class=_Formatter)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="few_shot")
+    parser.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
+    parser.add_argument("--datasets", nargs="+", default=list(FEW_SHOT_DATASETS), help="Training (or target) datasets.")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--methods", nargs="+", default=["coop", "vpt", "vpt_coop", "dpt"])
+    parser.add_argument("--model_name_or_path", default="openai/clip-vit-base-patch16", help="Base CLIP.")
+    parser.add_argument("--output_dir", default="outputs/benchmark")
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    report = benchmark(
+        args.protocol,
+        args.data_root,
+        args.output_dir,
+        args.datasets,
+        args.shots,
+        args.seeds,
+        args.methods,
+        args.model_name_or_path,
+        extra,
+    )
+    print(report.read_text())
+    return str(report)
+
+
 COMMANDS: dict[str, Callable] = {
     "train": train_main,
     "evaluate": evaluate_main,
     "predict": predict_main,
     "visualize": visualize_main,
     "ablation": ablation_main,
+    "benchmark": benchmark_main,
 }
 
 

@@ -28,7 +28,7 @@ from .layer import (
 )
 from .losses import class_aware_cross_entropy, guidance_loss
 from .outputs import DPTOutput
-from .shared_prefix import encode_with_shared_prefix, shared_prefix_length
+from .shared_prefix import encode_with_shared_prefix, shared_prefix_length, usable_prefix_length
 from .toy.pretrain import resolve_model_path
 from .transfer import copy_shared_tensors, shared_source_tensors
 
@@ -394,10 +394,10 @@ class DPTModel(BaseTuner):
         which computes those positions once instead of once per class; `text_encoding` picks or forces the path.
         """
         device = self.model.text_projection.weight.device
+        adapter_name = adapter_name or self._active
+        prefix_length = self._shared_prefix_length(layout, adapter_name)  # on the CPU layout: no device sync
         input_ids = input_ids.to(device)
         layout = None if layout is None else layout.to(device)
-        adapter_name = adapter_name or self._active
-        prefix_length = self._shared_prefix_length(layout, adapter_name)
         if prefix_length:
             embeddings = self.model.text_model.embeddings.prompt_embeddings(input_ids, layout, adapter_name)
             pooled = encode_with_shared_prefix(self.model.text_model, embeddings, input_ids, prefix_length)
@@ -410,10 +410,10 @@ class DPTModel(BaseTuner):
         mode = self.peft_config[adapter_name].text_encoding
         if layout is None or mode == "full" or self.text_context(adapter_name) is None:
             return 0
-        length = shared_prefix_length(layout)
         if mode == "shared_prefix":
-            return length
-        return length if length >= 2 and len(layout.input_ids) >= 2 else 0  # auto: something to share
+            return shared_prefix_length(layout)
+        length = usable_prefix_length(self.model.text_model, layout)
+        return length if length >= 2 else 0  # auto: more than SOT to share
 
     def zero_shot_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
         """Frozen text features of `zero_shot_template` for each class `[C, P]` (cached per class set)."""

@@ -5,6 +5,7 @@ Matplotlib is imported inside each function with the Agg backend, so importing d
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,43 @@ def plot_ablation(results: dict[str, list[float]], labels: dict[str, str], path:
     axis.set_ylabel("test accuracy (%)")
     axis.set_ylim(0, 105)
     axis.set_title(f"Embedded default (toy-position), mean ± std over {len(next(iter(results.values())))} seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_accuracy_against_shots(rows: list[dict], path: str) -> None:
+    """The paper's few-shot figure: per dataset, mean test accuracy against shots, one line per method (error bars:
+    std over seeds), zero-shot CLIP dashed."""
+    plt = _pyplot()
+    datasets = sorted({r["dataset"] for r in rows})
+    columns = min(4, len(datasets))
+    figure, axes = plt.subplots(
+        math.ceil(len(datasets) / columns),
+        columns,
+        figsize=(3.2 * columns, 2.8 * math.ceil(len(datasets) / columns)),
+        squeeze=False,
+    )
+    for axis, dataset in zip(axes.flat, datasets):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        for method in sorted({r["method"] for r in mine}):
+            points = sorted(
+                (r["shots"], r["mean"], r["std"]) for r in mine if r["method"] == method and r["metric"] == "accuracy"
+            )
+            shots, means, stds = zip(*points)
+            axis.errorbar(
+                shots, [100 * m for m in means], yerr=[100 * s for s in stds], marker="o", capsize=3, label=method
+            )
+        zero_shot = [r["mean"] for r in mine if r["metric"] == "zero_shot_accuracy"]
+        if zero_shot:
+            axis.axhline(100 * statistics.mean(zero_shot), color="0.5", linestyle="--", label="zero-shot")
+        axis.set_xscale("log", base=2)
+        axis.set_title(dataset, fontsize=9)
+        axis.set_xlabel("shots per class")
+        axis.set_ylabel("accuracy (%)")
+    for axis in list(axes.flat)[len(datasets) :]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

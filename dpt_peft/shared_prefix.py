@@ -37,6 +37,15 @@ def shared_prefix_length(layout: PromptLayout) -> int:
     return int(same.long().cumprod(0).sum())
 
 
+def usable_prefix_length(text_model: CLIPTextModel, layout: PromptLayout) -> int:
+    """`shared_prefix_length(layout)` when `encode_with_shared_prefix` can encode these prompts, else 0: the
+    prefix must end before every prompt's pooled position, and attention dropout must be off."""
+    length = shared_prefix_length(layout)
+    first_pooled = int(_pooled_positions(text_model, layout.input_ids).min())
+    dropout = any(layer.self_attn.training and layer.self_attn.dropout > 0 for layer in text_model.encoder.layers)
+    return length if 1 <= length <= first_pooled and not dropout else 0
+
+
 def _position_embedding(text_model: CLIPTextModel) -> nn.Embedding:
     """CLIP's position embedding, also when `embeddings` is wrapped (DPT's `TextContextEmbeddings`)."""
     embeddings = text_model.embeddings

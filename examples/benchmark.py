@@ -1,0 +1,11 @@
+"""The paper's tables on the CoOp datasets: `python examples/benchmark.py --protocol few_shot --data_root DATA`.
+
+The same as `dpt-peft benchmark` (see --help): a resumable grid of runs, then results.md, results.csv and plots.
+"""
+
+import _no_shadow  # noqa: F401, I001  (must come first, see its docstring)
+
+from dpt_peft.cli import benchmark_main
+
+if __name__ == "__main__":
+    benchmark_main()
