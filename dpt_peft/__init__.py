@@ -22,12 +22,23 @@ if DPT_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
     register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=DPTConfig, model_cls=DPTModel, prefix="dpt_")
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TASK_TYPE_NAME] = DPTPeftModel
 
+
+def __getattr__(name: str):
+    """`DPTTrainer` is imported on first use: transformers' Trainer is a heavy import most users never need."""
+    if name == "DPTTrainer":
+        from .hf_trainer import DPTTrainer
+
+        return DPTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ClassAwarePromptGenerator",
     "DPTConfig",
     "DPTModel",
     "DPTOutput",
     "DPTPeftModel",
+    "DPTTrainer",
     "DPTZeroShotPipeline",
     "ForwardContext",
     "ParameterKind",

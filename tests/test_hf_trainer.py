@@ -1,0 +1,65 @@
+"""`DPTTrainer`: transformers' Trainer with the paper's recipe, from the same code as the Accelerate loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import TrainingArguments
+
+from dpt_peft import DPTConfig, DPTTrainer
+from dpt_peft.loading import load_clip
+from dpt_peft.toy.tasks import toy_dataset
+from dpt_peft.training.arguments import TrainArguments
+from dpt_peft.training.data import ImageBatcher
+from dpt_peft.training.recipe import VISUAL_GROUP
+
+
+@pytest.fixture
+def setup(tmp_path):
+    clip, processor = load_clip()
+    data = toy_dataset("position")
+    train = data["train"].select(range(0, 160, 10))  # 16 images, 2 steps of 8
+    test = data["test"].select(range(0, 600, 50))
+    model = get_peft_model(clip, DPTConfig(class_names=data["train"].features["label"].names, num_text_tokens=4))
+    return model, processor, train, test
+
+
+def test_dpt_trainer_applies_the_recipe_and_saves_a_loadable_adapter(setup, tmp_path):
+    model, processor, train, test = setup
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    trainer = DPTTrainer(
+        model,
+        args,
+        recipe=TrainArguments(report_to="none", visual_warmup_epochs=0),
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=ImageBatcher(processor, "image", "label"),
+        compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())},
+    )
+    before = {k: v.clone() for k, v in model.base_model.adapter_parameters().items() for v in [v[1].detach()]}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert set(groups) == {"visual", "text"} and groups[VISUAL_GROUP]["momentum"] == pytest.approx(0.9)
+    visual, text = trainer.lr_scheduler.lr_lambdas  # during epoch 0: visual without warm-up, text warming up
+    assert visual(0) == pytest.approx(1.0) and text(0) == pytest.approx(1e-5 / 0.002)
+    changed = [k for k, (_, p) in model.base_model.adapter_parameters().items() if not torch.equal(p, before[k])]
+    assert changed  # the prompts trained
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_accuracy"} <= set(metrics)  # labels found without label_names
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(load_clip()[0], str(tmp_path / "adapter")).eval()
+    pixels = ImageBatcher(processor, "image", "label")([test[0], test[1]])["pixel_values"]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
