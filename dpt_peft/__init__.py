@@ -8,19 +8,22 @@ from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
+from .auto import AutoDPTModel
 from .config import DPTConfig
-from .inference import DPTZeroShotPipeline, Prediction, predict
+from .inference import Prediction, predict
 from .layer import ClassAwarePromptGenerator, ForwardContext, ParameterKind, TextContextEmbeddings, VisionPromptLayer
 from .model import DPTModel
 from .outputs import DPTOutput
 from .peft_model import DPTPeftModel
 from .peft_types import DPT_PEFT_TYPE, PEFT_TYPE_NAME, TASK_TYPE_NAME
+from .pipeline import DPTImageClassificationPipeline, DPTZeroShotPipeline, register_pipeline
 from .prototypes import init_visual_prompts_from_prototypes
 
 # As PEFT's own tuners do; guarded because the registry refuses a second registration (re-imports, reloads).
 if DPT_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
     register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=DPTConfig, model_cls=DPTModel, prefix="dpt_")
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TASK_TYPE_NAME] = DPTPeftModel
+register_pipeline()  # pipeline("dpt-image-classification", model=...)
 
 
 def __getattr__(name: str):
@@ -33,8 +36,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AutoDPTModel",
     "ClassAwarePromptGenerator",
     "DPTConfig",
+    "DPTImageClassificationPipeline",
     "DPTModel",
     "DPTOutput",
     "DPTPeftModel",

@@ -25,8 +25,10 @@ def train_main(argv: list[str] | None = None) -> dict:
     from .training.arguments import parse_args
     from .training.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, overrides = parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING  # quiet by default: warnings and the progress bar
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dpt_peft").setLevel(level)
     return train(args, overrides)
 
 

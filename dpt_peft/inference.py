@@ -1,4 +1,4 @@
-"""Running a trained adapter on images: `predict` and a zero-shot-classification pipeline.
+"""Running a trained adapter on images: `predict` (the transformers pipeline is in `pipeline.py`).
 
 Class-side features are computed once per label space (the model caches them at inference), so a run
 over many images pays for the text encoder once.
@@ -119,34 +119,10 @@ def predict(
     return results
 
 
-class DPTZeroShotPipeline:
-    """`pipeline("zero-shot-image-classification")`'s call signature for a DPT adapter.
+def __getattr__(name: str):
+    # The zero-shot pipeline became a transformers Pipeline in `pipeline.py` (imported lazily: it imports this module).
+    if name == "DPTZeroShotPipeline":
+        from .pipeline import DPTZeroShotPipeline
 
-    transformers' pipeline writes each label into `hypothesis_template` and calls CLIP with the resulting
-    `input_ids`; a DPT adapter replaces the template by its learned context, so it takes the labels
-    themselves. `candidate_labels` switch the adapter's label space (`set_class_names`); scores are the
-    softmax over the candidates, as in transformers' pipeline.
-    """
-
-    def __init__(self, model, image_processor=None) -> None:
-        self.model = model
-        self.image_processor = image_processor or image_processor_for(model)
-
-    def __call__(
-        self,
-        image: ImageInput | list[ImageInput],
-        candidate_labels: list[str] | None = None,
-        top_k: int | None = None,
-        hypothesis_template: str | None = None,
-    ) -> list[dict] | list[list[dict]]:
-        if hypothesis_template is not None:
-            logger.info("hypothesis_template is ignored: the adapter's learned context replaces it.")
-        if candidate_labels is not None and list(candidate_labels) != self.model.class_names():
-            self.model.set_class_names(list(candidate_labels))
-        single = not isinstance(image, (list, tuple))
-        images = [image] if single else list(image)
-        predictions = predict(
-            self.model, images, top_k=top_k or len(self.model.class_names()), processor=self.image_processor
-        )
-        results = [[{"score": s, "label": label} for s, label in zip(p.scores, p.labels)] for p in predictions]
-        return results[0] if single else results
+        return DPTZeroShotPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -124,6 +124,17 @@ class DPTLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None, None]:
+        """The wrapped CLIP module's device (it has no `weight`, which PEFT looks for) and no dtype: prompts stay
+        float32 and are cast where used. PEFT moves an adapter there, also after loading it with
+        `low_cpu_mem_usage=True` (meta tensors are skipped until then)."""
+        parameter = next(base_layer.parameters(), None)
+        return (None if parameter is None else parameter.device), None
+
+    def move_to_base_layer_device(self, adapter_name: str) -> None:
+        """PEFT's own placement of an adapter's tensors next to the wrapped module (see above)."""
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
     @property
     def context(self) -> ForwardContext:
         return self._slot.current

@@ -59,6 +59,10 @@ class DPTModel(BaseTuner):
 
     prefix: str = "dpt_"
     tuner_layer_cls = DPTLayer
+    # The label space, tokenizer, forward context and class features live on this tuner, and only
+    # DPTPeftModel.forward classifies with them: peft's inject_adapter_in_model (and transformers' load_adapter,
+    # which calls it) refuse such tuners, instead of returning a CLIP whose prompts are silently half applied.
+    uses_shared_state: bool = True
     target_module_mapping: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ injection
@@ -71,6 +75,7 @@ class DPTModel(BaseTuner):
         self._slot = ForwardContextSlot()
         self._classes: dict[str, dict[str, TaskClasses]] = {}
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._other_label_spaces: dict[str, TaskClasses] = {}
         self.feature_cache = ClassFeatureCache()
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -180,7 +185,7 @@ class DPTModel(BaseTuner):
             module = self._wire_vision_layer(config, adapter_name, target, int(current_key.rsplit(".", 1)[1]))
         if module is not target:
             setattr(parent, target_name, module)
-            module.to(device=next(target.parameters()).device)
+        module.move_to_base_layer_device(adapter_name)  # skips meta tensors (low_cpu_mem_usage)
 
     def _wire_text_context(self, config: DPTConfig, adapter_name: str, target: nn.Module) -> TextContextEmbeddings:
         """The learned context (docs/method.md, section 1): the phrase's embeddings, or random normal."""
@@ -230,6 +235,7 @@ class DPTModel(BaseTuner):
     # ------------------------------------------------------------------ adapters and their parameters
     def _forget(self, adapter_name: str) -> None:
         self._classes.pop(adapter_name, None)
+        self._other_label_spaces.pop(adapter_name, None)
         self._tokenizers.pop(adapter_name, None)
         self.feature_cache.clear(adapter_name)
 
@@ -415,10 +421,12 @@ class DPTModel(BaseTuner):
         length = usable_prefix_length(self.model.text_model, layout)
         return length if length >= 2 else 0  # auto: more than SOT to share
 
-    def zero_shot_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
+    def zero_shot_text_features(
+        self, task: str | None = None, adapter_name: str | None = None, classes: TaskClasses | None = None
+    ) -> torch.Tensor:
         """Frozen text features of `zero_shot_template` for each class `[C, P]` (cached per class set)."""
         adapter_name = adapter_name or self._active
-        classes = self.task_classes(adapter_name, task)
+        classes = classes or self.task_classes(adapter_name, task)
 
         def compute() -> torch.Tensor:
             with self.forward_context(bypass=True):
@@ -430,13 +438,15 @@ class DPTModel(BaseTuner):
                 (adapter_name, classes.names, "zero_shot"), self._text_stamp(), compute, enabled
             )
 
-    def class_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
+    def class_text_features(
+        self, task: str | None = None, adapter_name: str | None = None, classes: TaskClasses | None = None
+    ) -> torch.Tensor:
         """Text features of the class prompts with the learned context `[C, P]` (un-normalized)."""
         adapter_name = adapter_name or self._active
-        classes = self.task_classes(adapter_name, task)
+        classes = classes or self.task_classes(adapter_name, task)
         context = self.text_context(adapter_name)
         if classes.prompt_layout is None or context is None:
-            return self.zero_shot_text_features(task, adapter_name)
+            return self.zero_shot_text_features(adapter_name=adapter_name, classes=classes)
         stamp = (*self._text_stamp(), context._version, context.data_ptr())
         return self.feature_cache.get(
             (adapter_name, classes.names, "learned"),
@@ -444,6 +454,27 @@ class DPTModel(BaseTuner):
             lambda: self.encode_text(classes.prompt_layout.input_ids, classes.prompt_layout, adapter_name),
             self.peft_config[adapter_name].cache_class_features,
         )
+
+    def label_space_for(self, class_names: list[str], adapter_name: str | None = None) -> TaskClasses:
+        """A tokenized label space of other classes for one call (`classify(class_names=...)`): the adapter's own
+        classes, config and auxiliary classifier stay as they are. The last one asked is kept per adapter."""
+        adapter_name = adapter_name or self._active
+        names = tuple(class_names)
+        kept = self._other_label_spaces.get(adapter_name)
+        if kept is not None and kept.names == names:
+            return kept
+        config: DPTConfig = self.peft_config[adapter_name]
+        if config.class_specific_context and list(names) != self.class_names(adapter_name=adapter_name):
+            raise ValueError(
+                "This adapter learned one text context per class (class_specific_context=True), so it can only "
+                f"classify over its own classes {self.class_names(adapter_name=adapter_name)}, not {list(names)}."
+            )
+        other = dataclasses.replace(config, class_names=list(names))
+        classes = next(
+            iter(build_label_space(other, self._tokenizers[adapter_name], self.text_context_length).values())
+        )
+        self._other_label_spaces[adapter_name] = classes
+        return classes
 
     # ------------------------------------------------------------------ image side and classification
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -471,24 +502,41 @@ class DPTModel(BaseTuner):
         output_zero_shot_logits: bool = False,
         output_attentions: bool = False,
         attention_classes: torch.Tensor | None = None,
+        class_names: list[str] | None = None,
+        zero_shot_image_features: torch.Tensor | None = None,
     ) -> DPTOutput:
         """Classify images over the active adapter's classes (docs/method.md, sections 1-4).
 
         `guidance=True` uses the general-knowledge-guidance loss of the reference's first epochs. `labels` index
         the task's class list. `attention_classes` (`[M]` class indices) reports in `class_aware_attentions` the
         attention that prompts built from those classes would have, instead of the top-K prompts' attention.
+        `class_names` classifies over other classes for this call only (inference; `set_class_names` switches the
+        adapter's label space for good). `zero_shot_image_features` are the frozen CLIP's features of these images
+        when the caller has them already (an evaluation set seen before): exact, and one image pass cheaper.
         """
         adapter_name = self._active
         config: DPTConfig = self.peft_config[adapter_name]
-        classes = self.task_classes(adapter_name, task)
+        if class_names is not None and labels is not None:
+            raise ValueError(
+                "class_names classifies over other classes for one call, at inference; to train on other classes, "
+                "switch the label space with set_class_names first."
+            )
+        if class_names is not None:
+            classes = self.label_space_for(class_names, adapter_name)
+        else:
+            classes = self.task_classes(adapter_name, task)
         labels = _checked_labels(labels, len(pixel_values), classes.num_classes) if labels is not None else None
         _check_pixel_values(pixel_values)
-        text = self.class_text_features(task, adapter_name)
+        text = self.class_text_features(adapter_name=adapter_name, classes=classes)
         need_zero_shot = config.class_aware or guidance or output_zero_shot_logits
         zero_shot_logits = zero_shot_image = zero_shot_text = top_k = None
         if need_zero_shot:
-            zero_shot_text = self.zero_shot_text_features(task, adapter_name)
-            zero_shot_image = self.zero_shot_image_features(pixel_values)
+            zero_shot_text = self.zero_shot_text_features(adapter_name=adapter_name, classes=classes)
+            zero_shot_image = (
+                self.zero_shot_image_features(pixel_values)
+                if zero_shot_image_features is None
+                else zero_shot_image_features.to(pixel_values.device)
+            )
             zero_shot_logits = self._scaled_cosine(zero_shot_image, zero_shot_text)
         inputs: dict[str, Any] = {"record_attention": output_attentions}
         if config.class_aware:
@@ -500,7 +548,9 @@ class DPTModel(BaseTuner):
         with self.forward_context(**inputs) as context:
             image = self.image_features(pixel_values)
         span = slice(classes.offset, classes.offset + classes.num_classes)
-        class_aware_logits = tuple(logits[..., span] for logits in context.class_aware_logits)
+        # The auxiliary classifier belongs to the training label space: no auxiliary logits over other classes.
+        own_classes = class_names is None
+        class_aware_logits = tuple(logits[..., span] for logits in context.class_aware_logits) if own_classes else ()
         attentions = context.probe_attentions if attention_classes is not None else context.class_aware_attentions
         logits = self._scaled_cosine(image, text)
 

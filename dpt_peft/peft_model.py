@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 
 from .config import DPTConfig
+from .layer import DPTLayer
 from .outputs import DPTOutput
 
-# Passed by generic training loops; they do not change a DPT forward.
-IGNORED_FORWARD_ARGUMENTS = {"return_dict", "num_items_in_batch"}
+# Passed by generic training loops (transformers' Trainer among them); they do not change a DPT forward.
+IGNORED_FORWARD_ARGUMENTS = {"return_dict", "num_items_in_batch", "return_loss"}
 
 
 class DPTPeftModel(PeftModel):
@@ -36,13 +37,18 @@ class DPTPeftModel(PeftModel):
         output_zero_shot_logits: bool = False,
         output_attentions: bool = False,
         attention_classes: torch.Tensor | None = None,
+        class_names: list[str] | None = None,
+        zero_shot_image_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DPTOutput:
-        """Logits over the adapter's classes for `pixel_values` (and the loss when `labels` are given).
+        """Logits over the adapter's classes (or `class_names`, for this call only) for `pixel_values`, and the loss
+        when `labels` are given.
 
         Under `with model.disable_adapter():` this is the base `CLIPModel.forward`, called with the same
         arguments (e.g. `input_ids` and `pixel_values`), so the base model's behaviour is unchanged.
         """
+        if not torch.compiler.is_compiling():
+            self._check_not_unloaded("run forward")
         if not self.has_active_enabled_adapter:
             return self.get_base_model()(pixel_values=pixel_values, **kwargs)
         if kwargs.get("input_ids") is not None:
@@ -54,7 +60,8 @@ class DPTPeftModel(PeftModel):
         if unexpected:
             raise TypeError(
                 f"Unexpected argument(s) {unexpected}; a DPT forward takes pixel_values, labels, task, guidance, "
-                "output_zero_shot_logits, output_attentions and attention_classes."
+                "output_zero_shot_logits, output_attentions, attention_classes, class_names and "
+                "zero_shot_image_features."
             )
         if pixel_values is None:
             raise ValueError("pixel_values is required: model(pixel_values=..., labels=...).")
@@ -66,6 +73,46 @@ class DPTPeftModel(PeftModel):
             output_zero_shot_logits=output_zero_shot_logits,
             output_attentions=output_attentions,
             attention_classes=attention_classes,
+            class_names=class_names,
+            zero_shot_image_features=zero_shot_image_features,
+        )
+
+    @property
+    def is_unloaded(self) -> bool:
+        """True after `model.unload()`: CLIP's original modules are back and no DPT prompt is left."""
+        return not any(isinstance(module, DPTLayer) for module in self.base_model.model.modules())
+
+    def _check_not_unloaded(self, action: str) -> None:
+        if self.is_unloaded:
+            raise RuntimeError(
+                f"Cannot {action}: this DPTPeftModel was unloaded (model.unload() put CLIP's original modules back, "
+                "so it holds no DPT prompts). Use the CLIPModel that unload() returned for plain CLIP, or load the "
+                "adapter again with PeftModel.from_pretrained(clip, adapter_dir)."
+            )
+
+    def save_pretrained(
+        self, save_directory: str, safe_serialization: bool = True, selected_adapters: list[str] | None = None, **kwargs
+    ) -> None:
+        """`PeftModel.save_pretrained`, refused for an unloaded model and for NaN or infinite prompt tensors (a
+        diverged training run), so a saved adapter always holds usable prompts."""
+        self._check_not_unloaded("save the adapter")
+        for name in selected_adapters or list(self.peft_config):
+            if name not in self.peft_config:
+                continue  # PeftModel.save_pretrained names the unknown adapter
+            state = get_peft_model_state_dict(
+                self, state_dict=kwargs.get("state_dict"), adapter_name=name, save_embedding_layers=False
+            )
+            for key, tensor in state.items():
+                if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(
+                        f"Refusing to save adapter {name!r}: tensor {key!r} holds {bad} NaN or infinite value(s) of "
+                        f"{tensor.numel()}, so the adapter would be unusable (training diverged). Train again with "
+                        "lower learning rates, or save an earlier checkpoint's adapter."
+                    )
+        kwargs.setdefault("save_embedding_layers", False)  # "auto" would look the base model up on the Hub
+        super().save_pretrained(
+            save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters, **kwargs
         )
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:

@@ -28,7 +28,7 @@ def _pyplot():
 
 
 def plot_training_curve(history: list[dict], path: str) -> None:
-    """Loss and training accuracy per epoch; the general-knowledge-guidance epochs are shaded."""
+    """Loss, training accuracy and (when validated) validation accuracy per epoch; guidance epochs are shaded."""
     plt = _pyplot()
     epochs = [h["epoch"] + 1 for h in history]
     figure, loss_axis = plt.subplots(figsize=(6, 3.5))
@@ -36,8 +36,18 @@ def plot_training_curve(history: list[dict], path: str) -> None:
     loss_axis.set_xlabel("epoch")
     loss_axis.set_ylabel("training loss", color="tab:red")
     accuracy_axis = loss_axis.twinx()
-    accuracy_axis.plot(epochs, [100 * h["train_accuracy"] for h in history], color="tab:blue", label="accuracy")
-    accuracy_axis.set_ylabel("training accuracy (%)", color="tab:blue")
+    accuracy_axis.plot(epochs, [100 * h["train_accuracy"] for h in history], color="tab:blue", label="train accuracy")
+    validated = [h for h in history if h.get("val_accuracy") is not None]
+    if validated:  # held-out accuracy (the few-shot validation split) next to the training curve
+        accuracy_axis.plot(
+            [h["epoch"] + 1 for h in validated],
+            [100 * h["val_accuracy"] for h in validated],
+            color="tab:green",
+            marker="o",
+            label="validation accuracy",
+        )
+        accuracy_axis.legend(loc="lower right", fontsize=8)
+    accuracy_axis.set_ylabel("accuracy (%)", color="tab:blue")
     accuracy_axis.set_ylim(0, 100)
     guided = [h["epoch"] + 1 for h in history if h["guidance"]]
     if guided:

@@ -10,7 +10,8 @@ from coop_layouts import make_layout
 
 import dpt_peft.cli as cli
 from dpt_peft.cli import benchmark_main
-from dpt_peft.training.benchmark import _continue_flags, plan
+from dpt_peft.training.benchmark import plan
+from dpt_peft.training.checkpoints import continue_flags
 
 SMALL = ["--epochs", "1", "--batch_size", "4", "--eval_batch_size", "64", "--num_text_tokens", "1"]
 SHORT_TEMPLATE = ["--zero_shot_template", "{}."]  # the tiny CLIP's text encoder has 24 positions
@@ -36,20 +37,8 @@ def test_plan_follows_the_protocols():
 def test_few_shot_grid_aggregates_and_resumes(tmp_path, clip_path, monkeypatch):
     for name in ("oxford_pets", "dtd"):
         make_layout(tmp_path / "data", name)
-    report = grid(
-        tmp_path,
-        clip_path,
-        "few_shot",
-        ["oxford_pets", "dtd"],
-        "--shots",
-        "1",
-        "2",
-        "--seeds",
-        "1",
-        "2",
-        "--methods",
-        "coop",
-    )
+    few_shot = ("few_shot", ["oxford_pets", "dtd"], "--shots", "1", "2", "--seeds", "1", "2", "--methods", "coop")
+    report = grid(tmp_path, clip_path, *few_shot)
     out = tmp_path / "out" / "few_shot"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -64,32 +53,19 @@ def test_few_shot_grid_aggregates_and_resumes(tmp_path, clip_path, monkeypatch):
     (out / "dtd" / "coop" / "shots1_seed2" / "result.json").unlink()
     trained = []
     monkeypatch.setattr(cli, "train_main", lambda argv: trained.append(argv))
-    grid(
-        tmp_path,
-        clip_path,
-        "few_shot",
-        ["oxford_pets", "dtd"],
-        "--shots",
-        "1",
-        "2",
-        "--seeds",
-        "1",
-        "2",
-        "--methods",
-        "coop",
-    )
+    grid(tmp_path, clip_path, *few_shot)
     assert trained == [] and (out / "dtd" / "coop" / "shots1_seed2" / "result.json").exists()
 
 
 def test_a_killed_run_continues_from_its_checkpoint(tmp_path):
     run = tmp_path / "train"
-    assert _continue_flags(run) == []
+    assert continue_flags(run) == []
     run.mkdir()
     (run / "run.json").write_text("{}")
-    assert _continue_flags(run) == ["--overwrite_output_dir"]  # died before its first checkpoint
+    assert continue_flags(run) == ["--overwrite_output_dir"]  # died before its first checkpoint
     (run / "checkpoints" / "epoch_0").mkdir(parents=True)
     (run / "checkpoints" / "epoch_0" / "trainer_state.json").write_text("{}")
-    assert _continue_flags(run) == ["--resume_from_checkpoint", "latest"]
+    assert continue_flags(run) == ["--resume_from_checkpoint", "latest"]
 
 
 def test_base_to_new_grid_reports_the_harmonic_mean(tmp_path, clip_path):

@@ -71,16 +71,22 @@ def test_bad_paths(tmp_path):
 
 def test_pipeline_scores_equal_predict(model, image_dir):
     paths = sorted(image_dir.glob("*.png"))
-    pipe = DPTZeroShotPipeline(model)
-    single = pipe(str(paths[0]), candidate_labels=["cat", "dog", "tree"])
-    assert [r["label"] for r in single] == predict(model, [paths[0]], top_k=3)[0].labels
-    assert [r["score"] for r in single] == pytest.approx(predict(model, [paths[0]], top_k=3)[0].scores)
-    assert sum(r["score"] for r in single) == pytest.approx(1.0)
-    batch = pipe([str(p) for p in paths], candidate_labels=["cat", "dog", "tree"], hypothesis_template="{}")
+    pipe = DPTZeroShotPipeline(model)  # the former name of DPTImageClassificationPipeline
+    expected = predict(model, paths, top_k=3)
+    single = pipe(str(paths[0]), top_k=3)
+    assert [r["label"] for r in single] == expected[0].labels
+    assert [r["score"] for r in single] == pytest.approx(expected[0].scores)
+    batch = pipe([str(p) for p in paths], top_k=3, batch_size=3)
     assert len(batch) == 3
     # A batch of 3 and a batch of 1 take different kernels: equal labels, scores within float tolerance.
-    assert [r["label"] for r in batch[0]] == [r["label"] for r in single]
-    assert [r["score"] for r in batch[0]] == pytest.approx([r["score"] for r in single], rel=1e-5, abs=1e-6)
+    for rows, prediction in zip(batch, expected):
+        assert [r["label"] for r in rows] == prediction.labels
+        assert [r["score"] for r in rows] == pytest.approx(prediction.scores, rel=1e-5, abs=1e-6)
+    # Candidate labels are a per-call label space: softmax over them, and the adapter keeps its own classes.
+    candidates = pipe(str(paths[0]), candidate_labels=["cat", "dog", "tree"], hypothesis_template="{}")
+    assert {r["label"] for r in candidates} == {"cat", "dog", "tree"}
+    assert sum(r["score"] for r in candidates) == pytest.approx(1.0)
+    assert model.class_names() == CLASS_NAMES and predict(model, paths[:1], top_k=3)[0].labels == expected[0].labels
 
 
 def test_attention_map_sums_to_one_over_patches_and_changes_with_class(model, image_dir):

@@ -122,7 +122,8 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 def test_output_dir_with_a_different_run_is_refused(tmp_path):
     run(tmp_path)
-    run(tmp_path)  # the same run again is fine
+    with pytest.raises(ValueError, match="already holds this run.*--resume_from_checkpoint latest"):
+        run(tmp_path)  # the same run again is refused too: it would replace the finished one
     with pytest.raises(ValueError, match=r"holds a different run \(dpt_config.*--overwrite_output_dir"):
         run(tmp_path, "--num_visual_tokens", "3")
     run(tmp_path, "--num_visual_tokens", "3", "--overwrite_output_dir")

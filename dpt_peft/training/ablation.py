@@ -8,6 +8,7 @@ import statistics
 
 from ..plots import plot_ablation
 from .arguments import parse_args
+from .checkpoints import continue_flags
 from .trainer import train
 
 METHODS = ("coop", "vpt", "vpt_coop", "dpt")
@@ -20,20 +21,14 @@ def run_ablation(output_dir: str, seeds: tuple[int, ...] = (0, 1, 2), extra: lis
     for seed in seeds:
         for method in METHODS:
             run_dir = os.path.join(output_dir, f"{method}_seed{seed}")
-            args, overrides = parse_args(
-                [
-                    "--method",
-                    method,
-                    "--seed",
-                    str(seed),
-                    "--output_dir",
-                    run_dir,
-                    "--report_to",
-                    "none",
-                    *(extra or []),
-                ]
-            )
-            metrics = train(args, overrides)
+            metrics_file = os.path.join(run_dir, "metrics.json")
+            if os.path.exists(metrics_file):  # finished earlier: an interrupted ablation continues
+                with open(metrics_file) as f:
+                    metrics = json.load(f)
+            else:
+                argv = ["--method", method, "--seed", str(seed), "--output_dir", run_dir, "--report_to", "none"]
+                args, overrides = parse_args([*argv, *(extra or []), *continue_flags(run_dir)])
+                metrics = train(args, overrides)
             results.setdefault(method, []).append(metrics["accuracy"])
             if method == METHODS[0]:
                 results["zero_shot"].append(metrics["zero_shot_accuracy"])

@@ -27,6 +27,7 @@ RESUMABLE = (
     "hub_model_id",
     "report_to",
     "torch_compile",
+    "verbose",
     "gradient_checkpointing",
 )
 
@@ -104,8 +105,14 @@ class TrainArguments:
         default=False, metadata={"help": "Recompute CLIP's layer activations in backward: less memory, more time."}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "CLIP attention: 'sdpa' or 'eager'."})
-    torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (inductor)."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Through Accelerate."})
+    torch_compile: bool | None = field(
+        default=None,
+        metadata={"help": "Compile with torch.compile (inductor); default: the launcher's dynamo setting, else off."},
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None,
+        metadata={"help": "Autocast precision; default: the launcher's (accelerate launch / config file), else 'no'."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of few-shot sampling, prompts and augmentation."})
     output_dir: str = field(default="outputs/dpt-toy", metadata={"help": "Adapter, metrics, plots, checkpoints."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a different run in output_dir."})
@@ -117,6 +124,17 @@ class TrainArguments:
         default="kmeans", metadata={"help": "How --visual_prompt_init prototype picks tokens (SPT)."}
     )
     prototype_max_images: int = field(default=512, metadata={"help": "Images that prototype init looks at."})
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate on the few-shot validation split every N epochs (0: never); the test split is "
+            "only used for the final report."
+        },
+    )
+    save_best: bool = field(
+        default=False, metadata={"help": "Keep the adapter of the best validation epoch in best_adapter/."}
+    )
+    verbose: bool = field(default=False, metadata={"help": "Log INFO messages (default: warnings and a progress bar)."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final adapter to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
@@ -137,6 +155,10 @@ class TrainArguments:
         for name in ("visual_lr", "text_lr", "warmup_lr"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"--{name} {getattr(self, name)} must be a positive, finite learning rate.")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval_every {self.eval_every} must be 0 (off) or a number of epochs.")
+        if self.save_best and not self.eval_every:
+            raise ValueError("--save_best needs validation: pass --eval_every N (e.g. 1).")
         for name in ("visual_warmup_epochs", "text_warmup_epochs", "guidance_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} {getattr(self, name)} must be 0 or more epochs.")

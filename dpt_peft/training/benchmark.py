@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..plots import plot_accuracy_against_shots
 from .catalog import COOP_DATASETS, load_coop_dataset
-from .checkpoints import RUN_FILE, checkpoint_dirs
+from .checkpoints import continue_flags
 
 PROTOCOLS = ("few_shot", "base_to_new", "cross_dataset", "domain_generalization")
 # The paper's 11 few-shot datasets; ImageNet is the source of the two transfer protocols.
@@ -119,7 +119,7 @@ def run_grid(
             ]
             if protocol == "base_to_new":
                 argv += ["--subsample_classes", "base"]
-            train_main([*argv, *_continue_flags(train_dir)])
+            train_main([*argv, *continue_flags(train_dir)])
         metrics = json.loads((train_dir / "metrics.json").read_text())
         result = {
             **asdict(spec),
@@ -128,14 +128,6 @@ def run_grid(
         result_file.write_text(json.dumps(result, indent=2))
         results.append(result)
     return results
-
-
-def _continue_flags(train_dir: Path) -> list[str]:
-    """A killed run continues from its latest checkpoint; one that died before any checkpoint starts again (only
-    the run's own files are replaced)."""
-    if checkpoint_dirs(train_dir):
-        return ["--resume_from_checkpoint", "latest"]
-    return ["--overwrite_output_dir"] if (train_dir / RUN_FILE).exists() else []
 
 
 def _evaluate(

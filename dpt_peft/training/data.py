@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 
 from ..images import UNREADABLE_IMAGE_ERRORS, open_rgb
 from ..loading import read_class_names
-from .catalog import COOP_DATASETS, apply_split, load_coop_dataset, load_split_file, subsample_classes
+from .catalog import COOP_DATASETS, MAX_VAL_SHOTS, apply_split, load_coop_dataset, load_split_file, subsample_classes
 from .catalog import few_shot_split as coop_few_shot_split
 
 if TYPE_CHECKING:
@@ -313,10 +313,16 @@ def load_task(args: TrainArguments, name: str) -> FewShotData:
         subsample=args.subsample_classes,
     )
     train, rest = few_shot_split(pool, args.label_column, class_names, args.shots, args.seed, args.image_column)
+    val = None
+    if args.eval_every:  # a few-shot validation set as CoOp's (min(K, 4) per class), never from the test images
+        val_shots = min(args.shots, MAX_VAL_SHOTS)
+        val, rest = few_shot_split(rest, args.label_column, class_names, val_shots, args.seed + 1, args.image_column)
+        val = undecoded(val, args.image_column)
     test = dataset[args.test_split] if args.test_split and args.test_split in dataset else rest
     check_columns(test, args.image_column, args.label_column)
     check_labels(test, args.label_column, class_names)
-    return FewShotData(with_index(undecoded(train, args.image_column)), undecoded(test, args.image_column), class_names)
+    train = with_index(undecoded(train, args.image_column))
+    return FewShotData(train, undecoded(test, args.image_column), class_names, val=val)
 
 
 def load_benchmark_task(args: TrainArguments, name: str) -> FewShotData:

@@ -19,15 +19,34 @@ from ..plots import plot_per_class
 from .data import ImageBatcher, undecoded
 
 
-def predict_split(model, loader: DataLoader, accelerator: Accelerator, task: str | None = None) -> dict:
-    """Predictions of the adapter and of plain zero-shot CLIP (same forward) for every image of `loader`."""
+def predict_split(
+    model,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    task: str | None = None,
+    frozen_features: dict[int, torch.Tensor] | None = None,
+) -> dict:
+    """Predictions of the adapter and of plain zero-shot CLIP (same forward) for every image of `loader`.
+
+    `frozen_features` (batch index -> frozen CLIP image features) is filled on the first pass and reused by later
+    ones: exact for an unshuffled, unaugmented split (the frozen CLIP never changes), one image pass saved per batch.
+    """
     model.eval()
     predictions, zero_shot, labels = [], [], []
     with torch.no_grad():
-        for batch in tqdm(loader, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False):
+        batches = tqdm(loader, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False)
+        for index, batch in enumerate(batches):
             if batch is None:
                 continue
-            output = model(pixel_values=batch["pixel_values"], task=task, output_zero_shot_logits=True)
+            pixel_values = batch["pixel_values"]
+            if frozen_features is not None and index not in frozen_features:
+                frozen_features[index] = accelerator.unwrap_model(model).base_model.zero_shot_image_features(
+                    pixel_values
+                )
+            cached = None if frozen_features is None else frozen_features[index]
+            output = model(
+                pixel_values=pixel_values, task=task, output_zero_shot_logits=True, zero_shot_image_features=cached
+            )
             gathered = accelerator.gather_for_metrics(
                 (output.logits.argmax(-1), output.zero_shot_logits.argmax(-1), batch["labels"])
             )
@@ -48,10 +67,15 @@ def accuracy_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: i
 
 
 def split_metrics(
-    model, loader: DataLoader, accelerator: Accelerator, class_names: list[str], task: str | None = None
+    model,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    class_names: list[str],
+    task: str | None = None,
+    frozen_features: dict[int, torch.Tensor] | None = None,
 ) -> dict:
     """The adapter's and zero-shot CLIP's accuracy on one held-out split."""
-    result = predict_split(model, loader, accelerator, task=task)
+    result = predict_split(model, loader, accelerator, task=task, frozen_features=frozen_features)
     trained = accuracy_metrics(result["predictions"], result["labels"], len(class_names))
     zero_shot = accuracy_metrics(result["zero_shot_predictions"], result["labels"], len(class_names))
     return {

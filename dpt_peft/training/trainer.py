@@ -1,7 +1,8 @@
 """The training loop behind `accelerate launch examples/train.py`: setup, loop, report.
 
-Every check that can fail (dataset, columns, labels, shots, output directory, checkpoint config) runs before
-the first step, so a bad input never costs training time.
+Every check that can fail (arguments, dataset, columns, labels, shots, output directory, checkpoint, base model
+and DPT config) runs before anything is written to --output_dir, so a bad input never costs training time and a
+corrected retry finds the directory as it was. A non-finite loss stops the run (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -26,20 +27,27 @@ from ..plots import plot_training_curve
 from ..prototypes import init_visual_prompts_from_prototypes
 from .arguments import TrainArguments
 from .catalog import save_split_file
-from .checkpoints import (
-    load_checkpoint_state,
-    normalized,
-    prepare_output_dir,
-    register_adapter_only_checkpoints,
-    save_checkpoint,
-)
+from .checkpoints import checkpoint_dirs, load_checkpoint, load_checkpoint_state, register_checkpointed, save_checkpoint
 from .data import FewShotData, ImageBatcher, load_tasks, scheduled_batches, task_schedule
 from .evaluation import split_metrics
 from .recipe import build_optimizer, build_scheduler
+from .run_dir import (
+    TRACKER_DIR,
+    RunLock,
+    check_arguments,
+    check_output_dir,
+    normalized,
+    on_main_process,
+    prepare_output_dir,
+)
 
 logger = logging.getLogger(__name__)
 SPLITS = "splits"
 SUMMARY_KEYS = ("zero_shot_accuracy", "accuracy", "zero_shot_mean_per_class_accuracy", "mean_per_class_accuracy")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or a prompt parameter became NaN or infinite; nothing of that epoch is saved."""
 
 
 @dataclass
@@ -51,6 +59,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     train_images: int = 0
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
 
 
 @dataclass
@@ -65,6 +75,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_loaders: dict[str, DataLoader]
     test_loaders: dict[str, DataLoader]
+    val_loaders: dict[str, DataLoader]  # empty without --eval_every
     batchers: tuple[ImageBatcher, ImageBatcher]  # train, test
     generator: torch.Generator
     identity: dict
@@ -72,6 +83,8 @@ class Run:
     trainable_parameters: int
     state: RunState
     progress: tqdm
+    lock: RunLock | None = None  # of --output_dir, held by the main process
+    frozen_val_features: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # per task, per batch
 
     @property
     def multitask(self) -> bool:
@@ -86,33 +99,44 @@ def train(args: TrainArguments, config_overrides: dict | None = None) -> dict:
     """
     start = time.time()
     run = setup(args, config_overrides or {})
-    for epoch in range(run.state.start_epoch, args.epochs):
-        train_epoch(run, epoch)
-    return report(run, time.time() - start)
+    try:
+        for epoch in range(run.state.start_epoch, args.epochs):
+            train_epoch(run, epoch)
+        return report(run, time.time() - start)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 def setup(args: TrainArguments, config_overrides: dict) -> Run:
-    """Data, model, optimizer and checkpoint state; every check runs before anything is trained."""
+    """Data, model, optimizer and checkpoint state. Every check runs before `prepare_output_dir` writes the first
+    file (run.json), and a failure after it releases the directory's lock."""
+    check_arguments(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
-        dynamo_backend="inductor" if args.torch_compile else "no",
+        # None: the launcher's setting (accelerate launch flags, its config file), as for mixed_precision.
+        dynamo_backend=None if args.torch_compile is None else ("inductor" if args.torch_compile else "no"),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(args.seed)
     tasks = load_tasks(args)
+    missing_val = [name for name, data in tasks.items() if args.eval_every and data.val is None]
+    if missing_val:
+        raise ValueError(
+            f"--eval_every needs a validation split, and {missing_val[0]} has none apart from its test split (which "
+            "is never used for choices); train without --eval_every/--save_best."
+        )
     class_names = {name: data.class_names for name, data in tasks.items()} if len(tasks) > 1 else None
     class_names = class_names or next(iter(tasks.values())).class_names
     config = DPTConfig.for_method(args.method, class_names=class_names, **config_overrides)
     identity = normalized(args.run_identity(config))
+    on_main_process(accelerator, lambda: check_output_dir(args, identity))  # refusals before the model loads
     checkpoint = resumed = None
-    if args.resume_from_checkpoint:
+    if args.resume_from_checkpoint:  # verified (sha256) by every process, before anything is written
         checkpoint, resumed = load_checkpoint_state(args, identity)
-    prepare_output_dir(args, identity, accelerator)
-    if accelerator.is_main_process:
-        write_split_files(args, tasks)
 
     clip, processor = load_clip(args.model_name_or_path, attn_implementation=args.attn_implementation)
     if args.gradient_checkpointing:
@@ -140,46 +164,62 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
             max_images=args.prototype_max_images,
             seed=args.seed,
         )
-    generator = torch.Generator()
-    train_loaders = {  # Dassl drops the last partial batch when there is at least one full batch
-        name: DataLoader(
-            data.train,
-            batch_size=args.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=train_batcher,
-            drop_last=len(data.train) >= args.batch_size,
-        )
-        for name, data in tasks.items()
-    }
-    test_loaders = {
-        name: DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher)
-        for name, data in tasks.items()
-    }
     optimizer = build_optimizer(model, args)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    train_loaders = {name: accelerator.prepare(loader) for name, loader in train_loaders.items()}
-    test_loaders = {name: accelerator.prepare(loader) for name, loader in test_loaders.items()}
-    # Stepped once per optimizer update by the loop (not prepared: Accelerate would step it once per process).
-    batches_per_epoch = sum(len(loader) for loader in train_loaders.values())
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
-    accelerator.register_for_checkpointing(scheduler)
-    register_adapter_only_checkpoints(accelerator)
 
-    state = RunState()
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = RunState(
-            resumed["epoch"] + 1,
-            resumed["global_step"],
-            resumed["history"],
-            resumed["train_seconds"],
-            resumed.get("train_images", 0),
-        )
-        accelerator.print(f"Resumed from {checkpoint} (epoch {resumed['epoch']} done)")
-    if accelerator.log_with:
-        accelerator.init_trackers("dpt_peft", config={k: str(v) for k, v in identity.items()})
+    lock = prepare_output_dir(args, identity, accelerator)  # the first write
+    try:
+        if accelerator.is_main_process:
+            write_split_files(args, tasks)
+        generator = torch.Generator()
+        train_loaders = {  # Dassl drops the last partial batch when there is at least one full batch
+            name: DataLoader(
+                data.train,
+                batch_size=args.batch_size,
+                shuffle=True,
+                generator=generator,
+                collate_fn=train_batcher,
+                drop_last=len(data.train) >= args.batch_size,
+            )
+            for name, data in tasks.items()
+        }
+        test_loaders = {
+            name: DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+            for name, data in tasks.items()
+        }
+        val_loaders = {
+            name: DataLoader(data.val, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+            for name, data in tasks.items()
+            if args.eval_every and data.val is not None
+        }
+        model, optimizer = accelerator.prepare(model, optimizer)
+        train_loaders = {name: accelerator.prepare(loader) for name, loader in train_loaders.items()}
+        test_loaders = {name: accelerator.prepare(loader) for name, loader in test_loaders.items()}
+        val_loaders = {name: accelerator.prepare(loader) for name, loader in val_loaders.items()}
+        # Stepped once per optimizer update by the loop (not prepared: Accelerate would step it once per process).
+        batches_per_epoch = sum(len(loader) for loader in train_loaders.values())
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+        register_checkpointed(accelerator, model, optimizer, scheduler, generator)
+
+        state = RunState()
+        if checkpoint is not None:
+            load_checkpoint(accelerator, checkpoint)
+            state = RunState(
+                resumed["epoch"] + 1,
+                resumed["global_step"],
+                resumed["history"],
+                resumed["train_seconds"],
+                resumed.get("train_images", 0),
+                resumed.get("best_val_accuracy"),
+                resumed.get("best_epoch"),
+            )
+            accelerator.print(f"Resumed from {checkpoint.path} (epoch {resumed['epoch']} done)")
+        if accelerator.log_with:
+            accelerator.init_trackers(TRACKER_DIR, config={k: str(v) for k, v in identity.items()})
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     progress = tqdm(
         total=steps_per_epoch * args.epochs,
         initial=state.global_step,
@@ -195,6 +235,7 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         scheduler,
         train_loaders,
         test_loaders,
+        val_loaders,
         (train_batcher, test_batcher),
         generator,
         identity,
@@ -202,6 +243,7 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         trainable,
         state,
         progress,
+        lock,
     )
 
 
@@ -228,6 +270,7 @@ def train_epoch(run: Run, epoch: int) -> None:
             continue
         with accelerator.accumulate(run.model):
             output = run.model(**batch, task=task if run.multitask else None, guidance=guidance)
+            check_loss(run, output.loss, epoch, state.global_step + 1)  # before the update it would poison
             accelerator.backward(output.loss)
             run.optimizer.step()
             run.optimizer.zero_grad()
@@ -238,6 +281,8 @@ def train_epoch(run: Run, epoch: int) -> None:
         losses.append(output.loss.item())
         correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
         seen += len(batch["labels"])
+        run.progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}", acc=f"{correct / seen:.2f}", refresh=False)
+    check_parameters(run, epoch)
     state.train_images += seen * accelerator.num_processes
     state.train_seconds += time.time() - epoch_start
     record = {
@@ -248,16 +293,86 @@ def train_epoch(run: Run, epoch: int) -> None:
         "guidance": guidance,
         "lr": run.scheduler.get_last_lr(),
     }
+    logged = {"train/loss": record["loss"], "train/accuracy": record["train_accuracy"]}
+    if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+        record["val_accuracy"] = validate(run, epoch)
+        logged["val/accuracy"] = record["val_accuracy"]
     state.history.append(record)
-    accelerator.log({"train/loss": record["loss"], "train/accuracy": record["train_accuracy"]}, step=state.global_step)
+    accelerator.log(logged, step=state.global_step)
+    logger.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "lr"})
     checkpoint_state = {
         "epoch": epoch,
         "global_step": state.global_step,
         "history": state.history,
         "train_seconds": state.train_seconds,
         "train_images": state.train_images,
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_epoch": state.best_epoch,
     }
     save_checkpoint(accelerator, args, checkpoint_state, run.identity)
+
+
+def validate(run: Run, epoch: int) -> float:
+    """Mean accuracy over the tasks' few-shot validation splits; with --save_best, keep the best epoch's adapter.
+
+    The frozen CLIP's image features of the validation images are computed at the first validation and reused.
+    """
+    accuracies = [
+        split_metrics(
+            run.model,
+            loader,
+            run.accelerator,
+            run.tasks[name].class_names,
+            name if run.multitask else None,
+            run.frozen_val_features.setdefault(name, {}),
+        )["accuracy"]
+        for name, loader in run.val_loaders.items()
+    ]
+    accuracy = sum(accuracies) / len(accuracies)
+    state = run.state
+    if state.best_val_accuracy is None or accuracy > state.best_val_accuracy:
+        state.best_val_accuracy, state.best_epoch = accuracy, epoch
+        if run.args.save_best:
+            unwrapped = run.accelerator.unwrap_model(run.model)
+            best = Path(run.args.output_dir) / "best_adapter"
+            unwrapped.save_pretrained(best, is_main_process=run.accelerator.is_main_process)
+    run.model.train()
+    return accuracy
+
+
+def _last_checkpoint(run: Run) -> str:
+    found = checkpoint_dirs(Path(run.args.output_dir))
+    return f"the last checkpoint, {found[-1]}, is kept" if found else "no checkpoint had been written yet"
+
+
+def check_loss(run: Run, loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop on a NaN or infinite loss (of any process), before backward: nothing of this epoch is saved."""
+    losses = loss.detach().float().reshape(1)
+    if run.accelerator.num_processes > 1:
+        losses = run.accelerator.gather(losses)  # every process stops at the same step
+    finite = torch.isfinite(losses)
+    if bool(finite.all()):
+        return
+    value = losses[~finite][0].item()
+    raise TrainingDivergedError(
+        f"Training diverged: the loss is {value} in epoch {epoch} (0-based, as in history.json), optimizer step "
+        f"{step}. The run stopped without saving this epoch; {_last_checkpoint(run)}. Lower the learning rates "
+        f"(--visual_lr {run.args.visual_lr}, --text_lr {run.args.text_lr}) and train again in a new --output_dir "
+        "(or with --overwrite_output_dir)."
+    )
+
+
+def check_parameters(run: Run, epoch: int) -> None:
+    """Stop when an update made a prompt parameter NaN or infinite (the loss was still finite)."""
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    for key, (_, parameter) in unwrapped.base_model.adapter_parameters().items():
+        if not bool(torch.isfinite(parameter.detach()).all()):
+            raise TrainingDivergedError(
+                f"Training diverged: prompt parameter {key} became NaN or infinite in epoch {epoch} (0-based), by "
+                f"optimizer step {run.state.global_step} at the latest. The run stopped without saving this epoch; "
+                f"{_last_checkpoint(run)}. Lower the learning rates (--visual_lr {run.args.visual_lr}, --text_lr "
+                f"{run.args.text_lr}) and train again in a new --output_dir (or with --overwrite_output_dir)."
+            )
 
 
 def report(run: Run, wall_time: float) -> dict:
@@ -289,6 +404,9 @@ def report(run: Run, wall_time: float) -> dict:
             "train_images_per_s": state.train_images / state.train_seconds if state.train_images else None,
             "wall_time_s": wall_time,
             "final_train_loss": state.history[-1]["loss"] if state.history else None,
+            "mixed_precision": accelerator.mixed_precision,
+            "best_epoch": state.best_epoch,
+            "best_val_accuracy": state.best_val_accuracy,
         }
     )
     if skipped:

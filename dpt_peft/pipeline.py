@@ -1,0 +1,244 @@
+"""`pipeline("dpt-image-classification", model=...)`: a transformers `Pipeline` classifying images with a DPT adapter.
+
+transformers' `"zero-shot-image-classification"` pipeline writes each label into `hypothesis_template` and hands CLIP
+the token ids; a DPT adapter replaces the template by its learned context and classifies through
+`DPTPeftModel.forward`, so it needs its own pipeline. This one takes the same call arguments and returns the same
+structure (`[{"score", "label"}, ...]`, best first, softmax over the label space), with transformers' batching
+(`batch_size=`), devices and dtypes.
+
+`candidate_labels` classify over other classes for one call only: their class features are computed from the
+adapter's learned prompts without touching its label space, config or weights (unlike `set_class_names`, which
+switches the label space for good and re-initializes the auxiliary class-aware classifier).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from huggingface_hub.utils import httpx  # the HTTP client transformers' load_image uses
+from PIL import Image
+from transformers import Pipeline
+from transformers.image_utils import load_image
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .auto import AutoDPTModel
+from .images import UNREADABLE_IMAGE_ERRORS, open_rgb
+from .inference import image_processor_for
+from .peft_model import DPTPeftModel
+
+logger = logging.getLogger(__name__)
+TASK = "dpt-image-classification"
+# transformers' load_image waits forever on a URL by default; an unreachable host should fail, not hang.
+DEFAULT_URL_TIMEOUT = 10.0
+IGNORED_PIPELINE_ARGUMENTS = {"local_files_only"}  # left in the kwargs by transformers' pipeline() factory
+
+
+class DPTImageClassificationPipeline(Pipeline):
+    """Classifies images over a DPT adapter's classes, or over `candidate_labels` for one call.
+
+    Build it with `pipeline("dpt-image-classification", model=...)` (after `import dpt_peft`), where `model` is a
+    `DPTPeftModel`, an adapter directory or a Hub repo id (loaded with [`AutoDPTModel`]). An adapter whose base model
+    is the toy CLIP (`dpt-peft/toy-clip`, not a Hub repo) must be passed loaded: `transformers.pipeline()` reads the
+    base model's config itself before calling the loader, so pass `model=AutoDPTModel.from_pretrained(adapter_dir)`.
+
+    Call arguments:
+        images: a PIL image, a path, an http(s) URL (read with transformers' `load_image`, `timeout=` seconds, default
+            10), a preprocessed tensor `[3, H, W]`, or a list of these (then a list of results comes back).
+        top_k: keep the `top_k` best labels (default: all).
+        candidate_labels: classify over these names for this call only (the adapter's learned context is applied to
+            them); the adapter's own classes, config and weights are unchanged.
+        task: the task of a multitask adapter (its label space); ignored with `candidate_labels`.
+        hypothesis_template: accepted for compatibility with `"zero-shot-image-classification"` and ignored: the
+            adapter's learned context replaces it.
+
+    Example:
+
+        ```py
+        >>> import dpt_peft
+        >>> from transformers import pipeline
+        >>> classifier = pipeline("dpt-image-classification", model="someone/dpt-clip-adapter", device="cpu")
+        >>> classifier("cat.jpg", top_k=2)
+        [{'score': 0.91, 'label': 'cat'}, {'score': 0.05, 'label': 'dog'}]
+        >>> classifier(["cat.jpg", "https://example.com/dog.png"], candidate_labels=["cat", "dog", "fox"], batch_size=8)
+        ```
+    """
+
+    _load_processor = False
+    _load_image_processor = None  # the base model's, when pipeline() finds it; else looked up from the model
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False  # the adapter holds the tokenizer its class prompts were built with
+
+    def __init__(self, model: DPTPeftModel, image_processor: Any = None, **kwargs: Any) -> None:
+        if not isinstance(model, DPTPeftModel):
+            raise TypeError(
+                f"The {TASK!r} pipeline needs a DPT adapter: a DPTPeftModel (get_peft_model, PeftModel.from_pretrained "
+                f"or AutoDPTModel.from_pretrained), an adapter directory or a Hub repo id; got {type(model).__name__}."
+            )
+        self._template_noted = False
+        if image_processor is None:
+            try:
+                image_processor = image_processor_for(model)
+            except ValueError as err:
+                raise ValueError(f"{err} For the pipeline: pipeline(..., image_processor=...).") from err
+        super().__init__(model=model, image_processor=image_processor, **kwargs)
+        self.model.eval()
+
+    # ------------------------------------------------------------------ parameters
+    def _sanitize_parameters(
+        self,
+        top_k: int | None = None,
+        candidate_labels: list[str] | None = None,
+        task: str | None = None,
+        hypothesis_template: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        unexpected = sorted(set(kwargs) - IGNORED_PIPELINE_ARGUMENTS)
+        if unexpected:
+            raise TypeError(
+                f"Unexpected argument(s) {unexpected} for the {TASK!r} pipeline; it takes top_k, candidate_labels, "
+                "task, hypothesis_template and timeout."
+            )
+        preprocess, forward, postprocess = {}, {}, {}
+        if timeout is not None:
+            preprocess["timeout"] = timeout
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"top_k={top_k!r} must be a positive whole number.")
+            postprocess["top_k"] = top_k
+        if candidate_labels is not None:
+            forward["candidate_labels"] = postprocess["candidate_labels"] = _checked_candidates(candidate_labels)
+        if task is not None:
+            forward["task"] = postprocess["task"] = task
+        if hypothesis_template is not None and not self._template_noted:
+            logger.warning(
+                "hypothesis_template is ignored: a DPT adapter puts each label into its learned context instead."
+            )
+            self._template_noted = True
+        return preprocess, forward, postprocess
+
+    # ------------------------------------------------------------------ the three steps
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        if isinstance(image, torch.Tensor):
+            return {"pixel_values": _one_image_tensor(image)}
+        pixels = self.image_processor(images=[read_image(image, timeout)], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels}
+
+    def _forward(
+        self,
+        model_inputs: dict[str, torch.Tensor],
+        candidate_labels: tuple[str, ...] | None = None,
+        task: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        pixel_values = model_inputs["pixel_values"].to(self._pixel_dtype())
+        if candidate_labels is None or list(candidate_labels) == self._own_class_names(task):
+            logits = self.model(pixel_values=pixel_values, task=task).logits
+        else:
+            try:
+                self.model.base_model.label_space_for(list(candidate_labels))  # checked, named as the caller knows it
+            except ValueError as err:
+                raise ValueError(f"candidate_labels: {err}") from err
+            logits = self.model(pixel_values=pixel_values, class_names=list(candidate_labels)).logits
+        return {"logits": logits}
+
+    def postprocess(
+        self,
+        model_outputs: dict[str, torch.Tensor],
+        top_k: int | None = None,
+        candidate_labels: tuple[str, ...] | None = None,
+        task: str | None = None,
+    ) -> list[dict[str, Any]]:
+        names = list(candidate_labels) if candidate_labels is not None else self.model.class_names(task)
+        probabilities = model_outputs["logits"][0].float().softmax(dim=-1)
+        scores, indices = probabilities.topk(len(names) if top_k is None else min(top_k, len(names)))
+        return [{"score": score, "label": names[i]} for score, i in zip(scores.tolist(), indices.tolist())]
+
+    # ------------------------------------------------------------------ helpers
+    def _own_class_names(self, task: str | None) -> list[str] | None:
+        try:
+            return self.model.class_names(task)
+        except ValueError:  # a multitask adapter and no task: candidates are their own label space
+            return None
+
+    def _pixel_dtype(self) -> torch.dtype:
+        return self.model.get_base_model().vision_model.embeddings.patch_embedding.weight.dtype
+
+
+class DPTZeroShotPipeline(DPTImageClassificationPipeline):
+    """Former name of [`DPTImageClassificationPipeline`], kept for compatibility: `DPTZeroShotPipeline(model)` runs
+    where the model is (it does not move it) and, since 0.3, `candidate_labels` no longer change the adapter."""
+
+    def __init__(self, model: DPTPeftModel, image_processor: Any = None, **kwargs: Any) -> None:
+        if isinstance(model, torch.nn.Module):
+            kwargs.setdefault("device", next(model.parameters()).device)
+        super().__init__(model=model, image_processor=image_processor, **kwargs)
+
+
+def register_pipeline() -> None:
+    """Make `transformers.pipeline("dpt-image-classification", ...)` build a [`DPTImageClassificationPipeline`]."""
+    registered = PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl")
+    if registered is not DPTImageClassificationPipeline:
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=DPTImageClassificationPipeline, pt_model=AutoDPTModel, type="image"
+        )
+
+
+# ---------------------------------------------------------------------- inputs
+def read_image(source: Any, timeout: float | None = None) -> Image.Image:
+    """An RGB image from a PIL image, encoded bytes, a path, an http(s) URL or a `data:image/...` URI."""
+    if isinstance(source, (Image.Image, bytes)):
+        return open_rgb(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"Cannot read an image from {type(source).__name__}; pass a PIL image, a path, an http(s) URL or a "
+            "preprocessed tensor [3, H, W]."
+        )
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        return _download_image(text, DEFAULT_URL_TIMEOUT if timeout is None else timeout)
+    if os.path.isfile(text):
+        try:
+            return open_rgb(text)
+        except UNREADABLE_IMAGE_ERRORS as err:
+            raise ValueError(f"{text} is not a readable image ({err}).") from err
+    if text.startswith("data:image/"):
+        return load_image(text)
+    raise FileNotFoundError(f"{text} is not an image file, an http(s) URL or a data:image URI.")
+
+
+def _download_image(url: str, timeout: float) -> Image.Image:
+    try:
+        return load_image(url, timeout=timeout)
+    except httpx.HTTPError as err:
+        raise ConnectionError(
+            f"Could not download the image {url} ({type(err).__name__}: {err}). Check the URL and the network "
+            "connection (offline?), or pass a local path or a PIL image."
+        ) from err
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise ValueError(f"{url} did not return a readable image ({err}).") from err
+
+
+def _one_image_tensor(pixels: torch.Tensor) -> torch.Tensor:
+    if pixels.dim() == 3:
+        return pixels.unsqueeze(0)
+    if pixels.dim() == 4 and pixels.shape[0] == 1:
+        return pixels
+    raise ValueError(
+        f"A tensor input is one preprocessed image [3, H, W]; got shape {tuple(pixels.shape)}. Pass several images "
+        "as a list."
+    )
+
+
+def _checked_candidates(candidate_labels: Any) -> tuple[str, ...]:
+    if isinstance(candidate_labels, str) or not isinstance(candidate_labels, (list, tuple)):
+        raise TypeError(
+            f"candidate_labels must be a list of class names, got {type(candidate_labels).__name__} "
+            f"({candidate_labels!r}); e.g. candidate_labels=['cat', 'dog']."
+        )
+    if not candidate_labels:
+        raise ValueError("candidate_labels is empty; give at least one class name.")
+    return tuple(candidate_labels)

@@ -1,0 +1,67 @@
+"""Validation during training (few-shot val split, best epoch, curve, trackers) and the launcher's settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from accelerate.state import AcceleratorState
+
+import dpt_peft.model as model_module
+from dpt_peft.cli import train_main
+
+SHORT = ["--epochs", "3", "--shots", "4", "--report_to", "none", "--eval_batch_size", "300"]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process; a run with other launcher settings needs it reset."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_validation_every_epoch_keeps_the_best_adapter(tmp_path, monkeypatch):
+    calls = []
+    original = model_module.DPTModel.zero_shot_image_features
+
+    def counted(self, pixel_values):
+        calls.append(len(pixel_values))
+        return original(self, pixel_values)
+
+    monkeypatch.setattr(model_module.DPTModel, "zero_shot_image_features", counted)
+    metrics = train_main([*SHORT, "--output_dir", str(tmp_path), "--eval_every", "1", "--save_best"])
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert all(0 <= h["val_accuracy"] <= 1 for h in history)
+    best = max(range(3), key=lambda e: (history[e]["val_accuracy"], -e))
+    assert metrics["best_epoch"] == best and metrics["best_val_accuracy"] == pytest.approx(
+        history[best]["val_accuracy"]
+    )
+    assert (tmp_path / "best_adapter" / "adapter_model.safetensors").exists()
+    assert metrics["num_test_images"] == 600  # the test split is untouched by validation
+    # Validation images: 4 per class x 5 classes = 20, so 20 frozen features for the first validation and none later.
+    # (Training batches: 20 images per epoch; the final test: 600.)
+    assert sum(calls) == 3 * 20 + 20 + 600
+
+
+def test_save_best_needs_validation():
+    with pytest.raises(ValueError, match="--save_best needs validation: pass --eval_every"):
+        train_main([*SHORT, "--save_best"])
+
+
+def test_the_launchers_precision_is_used_unless_a_flag_is_given(tmp_path, monkeypatch, fresh_accelerate_state):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    metrics = train_main([*SHORT, "--epochs", "1", "--output_dir", str(tmp_path / "launcher")])
+    assert metrics["mixed_precision"] == "bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    metrics = train_main([*SHORT, "--epochs", "1", "--output_dir", str(tmp_path / "flag"), "--mixed_precision", "no"])
+    assert metrics["mixed_precision"] == "no"
+
+
+def test_default_logs_are_quiet_and_verbose_shows_each_epoch(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        train_main([*SHORT, "--epochs", "2", "--output_dir", str(tmp_path / "quiet")])
+        assert not [r for r in caplog.records if r.levelname == "INFO" and r.name.startswith("dpt_peft")]
+        train_main([*SHORT, "--epochs", "2", "--output_dir", str(tmp_path / "verbose"), "--verbose"])
+        epochs = [r for r in caplog.records if r.name == "dpt_peft.training.trainer" and r.levelname == "INFO"]
+    assert len(epochs) == 2
