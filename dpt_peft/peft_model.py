@@ -7,18 +7,17 @@ DPT classifies images over its class names, so this subclass routes `forward` to
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub import CommitOperationAdd, HfApi
 from peft import PeftModel, get_peft_model_state_dict
 
-from .config import DPTConfig
 from .layer import DPTLayer
+from .model_card import ModelCardInfo, build_model_card
 from .outputs import DPTOutput
 
 # Passed by generic training loops (transformers' Trainer among them); they do not change a DPT forward.
@@ -189,43 +188,7 @@ class DPTPeftModel(PeftModel):
             )
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """PEFT's model card plus what a reader needs: the method, base model, class names and config."""
-        super().create_or_update_model_card(output_dir)
-        path = os.path.join(output_dir, "README.md")
-        card = ModelCard.load(path)
-        tags = set(card.data.tags or []) | {"dpt", "prompt-tuning", "clip", "image-classification"}
-        card.data.tags = sorted(tags)
-        card.data.pipeline_tag = "zero-shot-image-classification"
-        sections = [card.text.rstrip(), ""]
-        for name, config in self.peft_config.items():
-            sections.append(_adapter_section(name, config))
-        card.text = "\n".join(sections)
-        card.save(path)
-
-
-def _adapter_section(adapter_name: str, config: DPTConfig) -> str:
-    mechanisms = [
-        name
-        for name, on in (
-            ("CoOp text context", config.learn_text_context),
-            ("deep visual prompts (VPT-deep)", config.has_visual_prompts),
-            ("class-aware visual prompts (CAVPT)", config.class_aware),
-        )
-        if on
-    ]
-    classes = "\n".join(f"- **{task}** ({len(names)}): " + ", ".join(names) for task, names in config.tasks.items())
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("class_names",)}
-    return (
-        f"## DPT adapter `{adapter_name}`\n\n"
-        "Dual-modality Prompt Tuning ([Xing et al., arXiv 2208.08340](https://arxiv.org/abs/2208.08340)) of a "
-        f"frozen CLIP, trained with [dpt_peft](https://pypi.org/project/dpt-peft/).\n\n"
-        f"- **Base model:** `{config.base_model_name_or_path}`\n"
-        f"- **Mechanisms:** {', '.join(mechanisms) or 'none'}\n\n"
-        f"### Class names\n\n{classes}\n\n"
-        "### Usage\n\n```python\nimport dpt_peft  # registers DPT with PEFT\nfrom peft import PeftModel\n"
-        "from transformers import CLIPModel\n\n"
-        f"clip = CLIPModel.from_pretrained({config.base_model_name_or_path!r})\n"
-        'model = PeftModel.from_pretrained(clip, "<this repo>")\n'
-        "logits = model(pixel_values=pixel_values).logits\n```\n\n"
-        f"### Config\n\n```json\n{json.dumps(settings, indent=2, sort_keys=True, default=str)}\n```\n"
-    )
+        """Our card (`model_card.build_model_card`) instead of PEFT's template: the method, base model, classes,
+        training data, metrics and usage, with no placeholders. A training run sets `card_info` before saving."""
+        info = getattr(self, "card_info", None) or ModelCardInfo()
+        build_model_card(dict(self.peft_config), info).save(os.path.join(output_dir, "README.md"))

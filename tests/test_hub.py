@@ -83,9 +83,39 @@ def test_push_to_hub_uploads_adapter_and_model_card(clip_path, monkeypatch):
     assert config["peft_type"] == "DPT" and config["class_names"] == CLASS_NAMES
     card = uploads["README.md"].decode()
     assert "Dual-modality Prompt Tuning" in card and "arxiv.org/abs/2208.08340" in card
-    assert f"**Base model:** `{clip_path}`" in card
+    assert "**Base model:** a local CLIP (its Hub id was not given: pass `--base_model_id`" in card
     assert "- **default** (5): cat, dog, red car, sea_turtle, tree" in card
     assert "class-aware visual prompts (CAVPT)" in card
     assert '"num_text_tokens": 4' in card
     assert "library_name: peft" in card and "dpt" in card
-    assert "## DPT adapter `birds`" in card and "- **default** (2): bird, fish" in card
+    assert "## Adapter `birds`" in card and "- **default** (2): bird, fish" in card
+    assert "More Information Needed" not in card and "license: apache-2.0" in card
+
+
+def test_a_trained_adapters_card_states_data_metrics_and_base_model(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from dpt_peft.cli import train_main
+
+    metrics = train_main(
+        [
+            "--epochs",
+            "1",
+            "--shots",
+            "2",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path),
+            "--base_model_id",
+            "someone/toy-clip",
+        ]
+    )
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert "More Information Needed" not in card.content
+    assert card.data.base_model == "someone/toy-clip" and card.data.license == "apache-2.0"
+    result = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert result["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert card.data.eval_results[0].dataset_name == "toy-position"
+    assert "`toy-position`, 2 images per class" in card.text and "| top-1 accuracy |" in card.text
+    assert 'AutoDPTModel.from_pretrained("<this repo or folder>")' in card.text

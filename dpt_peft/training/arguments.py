@@ -25,6 +25,7 @@ RESUMABLE = (
     "overwrite_output_dir",
     "push_to_hub",
     "hub_model_id",
+    "base_model_id",
     "report_to",
     "torch_compile",
     "verbose",
@@ -137,6 +138,10 @@ class TrainArguments:
     verbose: bool = field(default=False, metadata={"help": "Log INFO messages (default: warnings and a progress bar)."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final adapter to the Hub."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the base CLIP for the model card, when --model_name_or_path is a local copy."},
+    )
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import DPTConfig
 from ..loading import load_clip
+from ..model_card import ModelCardInfo
 from ..plots import plot_training_curve
 from ..prototypes import init_visual_prompts_from_prototypes
 from .arguments import TrainArguments
@@ -413,6 +414,7 @@ def report(run: Run, wall_time: float) -> dict:
         logger.warning("Skipped %d unreadable images: %s", len(skipped), skipped[:10])
     output_dir = Path(args.output_dir)
     unwrapped = accelerator.unwrap_model(run.model)
+    unwrapped.card_info = ModelCardInfo(args.base_model_id, ",".join(args.datasets), args.shots, metrics)
     unwrapped.save_pretrained(output_dir / "adapter", is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,145 @@
+"""The model card written next to every saved adapter (and pushed to the Hub): no template placeholders.
+
+It states the method, the base model (a Hub id when known), the classes, the training data, the metrics as
+model-index eval results, the license, and how to load and run the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .config import DPTConfig
+from .toy.pretrain import TOY_CLIP_ID
+
+PAPER = "https://arxiv.org/abs/2208.08340"
+CITATION = """@article{xing2023dpt,
+  title   = {Dual Modality Prompt Tuning for Vision-Language Pre-Trained Model},
+  author  = {Xing, Yinghui and Wu, Qirui and Cheng, De and Zhang, Shizhou and Liang, Guoqiang and Wang, Peng and
+             Zhang, Yanning},
+  journal = {IEEE Transactions on Multimedia},
+  year    = {2023}
+}"""
+
+
+@dataclass
+class ModelCardInfo:
+    """What the adapter itself cannot know: set by the training run (or by hand) before saving."""
+
+    base_model_id: str | None = None  # the Hub id of the base model when it was loaded from a local copy
+    dataset: str | None = None  # the training data, e.g. "oxford_pets" or a Hub dataset id
+    shots: int | None = None
+    metrics: dict = field(default_factory=dict)  # metrics.json of the run: accuracy, zero_shot_accuracy, ...
+    license: str = "apache-2.0"
+
+
+def _base_model(config: DPTConfig, info: ModelCardInfo) -> tuple[str | None, str]:
+    """(Hub id or None, how to describe it): a local path is no Hub id."""
+    recorded = config.base_model_name_or_path or ""
+    if info.base_model_id:
+        return info.base_model_id, f"`{info.base_model_id}`"
+    if recorded == TOY_CLIP_ID:
+        return None, f"the toy CLIP shipped with dpt_peft (`{TOY_CLIP_ID}`)"
+    if not recorded or os.path.isabs(recorded) or os.path.exists(recorded):
+        return None, "a local CLIP (its Hub id was not given: pass `--base_model_id` when training)"
+    return recorded, f"`{recorded}`"
+
+
+def _eval_results(info: ModelCardInfo) -> list[EvalResult] | None:
+    metrics = {k: v for k, v in info.metrics.items() if k in ("accuracy", "mean_per_class_accuracy") and v is not None}
+    if not metrics or not info.dataset:
+        return None
+    return [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=info.dataset,
+            dataset_name=info.dataset,
+            metric_type=name,
+            metric_name=name.replace("_", " "),
+            metric_value=value,
+        )
+        for name, value in metrics.items()
+    ]
+
+
+def build_model_card(configs: dict[str, DPTConfig], info: ModelCardInfo) -> ModelCard:
+    """The card of a saved DPT model (one section per adapter)."""
+    first = next(iter(configs.values()))
+    base_id, base_text = _base_model(first, info)
+    data = ModelCardData(
+        library_name="peft",
+        base_model=base_id,
+        license=info.license,
+        pipeline_tag="image-classification",
+        tags=["dpt", "prompt-tuning", "clip", "peft", "image-classification"],
+        datasets=[info.dataset] if info.dataset and "/" in info.dataset else None,
+        model_name=f"DPT adapter of {base_id or 'CLIP'}",
+        eval_results=_eval_results(info),
+    )
+    sections = [
+        f"# DPT adapter of {base_text}",
+        "",
+        f"Dual-modality Prompt Tuning ([Xing et al., IEEE TMM 2023]({PAPER})) of a frozen CLIP: only prompts are "
+        "learned (a text context around each class name, deep visual prompts, and class-aware visual prompts), "
+        "trained with `dpt_peft` as a PEFT adapter.",
+        "",
+        f"- **Base model:** {base_text}",
+        f"- **Training data:** {_training_data(info)}",
+        f"- **License:** {info.license}",
+        "",
+    ]
+    if info.metrics:
+        sections += [_metrics_table(info.metrics), ""]
+    for name, config in configs.items():
+        sections += [_adapter_section(name, config, base_id), ""]
+    sections += ["## Citation", "", "```bibtex", CITATION, "```"]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n")
+
+
+def _training_data(info: ModelCardInfo) -> str:
+    if not info.dataset:
+        return "not recorded (saved outside `dpt-peft train`)"
+    return f"`{info.dataset}`" + (f", {info.shots} images per class" if info.shots else "")
+
+
+def _metrics_table(metrics: dict) -> str:
+    rows = [
+        ("top-1 accuracy", metrics.get("accuracy")),
+        ("mean per-class accuracy", metrics.get("mean_per_class_accuracy")),
+        ("zero-shot CLIP accuracy (same images)", metrics.get("zero_shot_accuracy")),
+    ]
+    lines = ["## Results", "", f"On {metrics.get('num_test_images', 'the')} held-out test images:", ""]
+    lines += ["| metric | value |", "|---|---:|"]
+    lines += [f"| {name} | {100 * value:.1f}% |" for name, value in rows if value is not None]
+    return "\n".join(lines)
+
+
+def _adapter_section(adapter_name: str, config: DPTConfig, base_id: str | None) -> str:
+    mechanisms = [
+        name
+        for name, on in (
+            ("CoOp text context", config.learn_text_context),
+            ("deep visual prompts (VPT-deep)", config.has_visual_prompts),
+            ("class-aware visual prompts (CAVPT)", config.class_aware),
+        )
+        if on
+    ]
+    classes = "\n".join(f"- **{task}** ({len(names)}): " + ", ".join(names) for task, names in config.tasks.items())
+    settings = {k: v for k, v in config.to_dict().items() if k != "class_names"}
+    load = 'AutoDPTModel.from_pretrained("<this repo or folder>")'
+    if base_id is None:
+        load = 'AutoDPTModel.from_pretrained("<this repo or folder>", base_model_name_or_path="<your CLIP>")'
+    return (
+        f"## Adapter `{adapter_name}`\n\n"
+        f"- **Mechanisms:** {', '.join(mechanisms) or 'none'}\n\n"
+        f"### Classes\n\n{classes}\n\n"
+        "### How to use\n\n```python\nimport dpt_peft  # registers DPT with PEFT and its pipeline\n"
+        "from dpt_peft import AutoDPTModel\nfrom transformers import pipeline\n\n"
+        f"model = {load}\n"
+        'classifier = pipeline("dpt-image-classification", model=model)\n'
+        'classifier("image.jpg")  # [{"score": ..., "label": ...}, ...]\n```\n\n'
+        f"### Config\n\n```json\n{json.dumps(settings, indent=2, sort_keys=True, default=str)}\n```"
+    )
