@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
+from safetensors.torch import load_file
 
 import dpt_peft.model as model_module
 from dpt_peft.cli import train_main
@@ -65,3 +69,46 @@ def test_default_logs_are_quiet_and_verbose_shows_each_epoch(tmp_path, caplog):
         train_main([*SHORT, "--epochs", "2", "--output_dir", str(tmp_path / "verbose"), "--verbose"])
         epochs = [r for r in caplog.records if r.name == "dpt_peft.training.trainer" and r.levelname == "INFO"]
     assert len(epochs) == 2
+
+
+def test_decoded_cache_pipeline_trains_deterministically_and_reuses_the_cache(tmp_path, monkeypatch):
+    """The training set decoded once (content-keyed files), augmentation on the device; twice the same adapter."""
+    monkeypatch.setenv("DPT_PEFT_CACHE", str(tmp_path / "cache"))
+    flags = [*SHORT, "--input_pipeline", "decoded_cache", "--augment", "true"]
+    first = train_main([*flags, "--output_dir", str(tmp_path / "a")])
+    cached = sorted((tmp_path / "cache").rglob("*.u8"))
+    assert first["input_pipeline"] == "decoded_cache" and len(cached) == 4 * 5
+    second = train_main([*flags, "--output_dir", str(tmp_path / "b")])
+    assert sorted((tmp_path / "cache").rglob("*.u8")) == cached  # reused, nothing decoded again
+    assert second["accuracy"] == pytest.approx(first["accuracy"])
+    a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_decoding_workers_count_each_unreadable_test_image_once(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 4)):
+        for name in ("left", "right"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "test" / "left" / "0.png").write_bytes(b"broken")
+    metrics = train_main(
+        [
+            *SHORT,
+            "--dataset",
+            str(tmp_path / "data"),
+            "--shots",
+            "2",
+            "--dataloader_num_workers",
+            "2",
+            "--num_text_tokens",
+            "4",
+            "--eval_every",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert metrics["skipped_images"] == 1 and metrics["num_test_images"] == 7

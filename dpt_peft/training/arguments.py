@@ -29,6 +29,7 @@ RESUMABLE = (
     "report_to",
     "torch_compile",
     "verbose",
+    "dataloader_num_workers",
     "gradient_checkpointing",
 )
 
@@ -87,6 +88,18 @@ class TrainArguments:
     )
     epochs: int = field(default=60, metadata={"help": "Training epochs (60 in the DPT script)."})
     batch_size: int = field(default=32, metadata={"help": "Images per step and process."})
+    input_pipeline: Literal["auto", "pil", "decoded_cache"] = field(
+        default="auto",
+        metadata={
+            "help": "Training images: 'decoded_cache' decodes each once (cached by content under $DPT_PEFT_CACHE) "
+            "and augments batches on the device; 'pil' decodes and augments with PIL every epoch; 'auto': the "
+            "cache on CUDA, PIL on CPU (where the device is the host)."
+        },
+    )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Worker processes of the decoding loaders (default: up to 8 on CUDA, 0 on CPU)."},
+    )
     eval_batch_size: int = field(default=256, metadata={"help": "Images per evaluation batch."})
     visual_lr: float = field(default=0.01, metadata={"help": "LR of visual prompts and CAVPT."})
     text_lr: float = field(default=0.002, metadata={"help": "LR of the text context."})
@@ -160,6 +173,8 @@ class TrainArguments:
         for name in ("visual_lr", "text_lr", "warmup_lr"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"--{name} {getattr(self, name)} must be a positive, finite learning rate.")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise ValueError(f"--dataloader_num_workers {self.dataloader_num_workers} must be 0 or more.")
         if self.eval_every < 0:
             raise ValueError(f"--eval_every {self.eval_every} must be 0 (off) or a number of epochs.")
         if self.save_best and not self.eval_every:

@@ -17,6 +17,7 @@ from ..loading import load_adapted_model
 from ..metrics import ACCURACY_PATH
 from ..plots import plot_per_class
 from .data import ImageBatcher, undecoded
+from .input_pipeline import SKIPPED_KEY, SkipCounter
 
 
 def predict_split(
@@ -25,6 +26,7 @@ def predict_split(
     accelerator: Accelerator,
     task: str | None = None,
     frozen_features: dict[int, torch.Tensor] | None = None,
+    skips: SkipCounter | None = None,
 ) -> dict:
     """Predictions of the adapter and of plain zero-shot CLIP (same forward) for every image of `loader`.
 
@@ -36,6 +38,8 @@ def predict_split(
     with torch.no_grad():
         batches = tqdm(loader, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False)
         for index, batch in enumerate(batches):
+            if batch is not None and SKIPPED_KEY in batch:  # from decoding workers: count each bad image once
+                batch = (skips if skips is not None else SkipCounter()).take(batch)
             if batch is None:
                 continue
             pixel_values = batch["pixel_values"]
@@ -73,9 +77,10 @@ def split_metrics(
     class_names: list[str],
     task: str | None = None,
     frozen_features: dict[int, torch.Tensor] | None = None,
+    skips: SkipCounter | None = None,
 ) -> dict:
     """The adapter's and zero-shot CLIP's accuracy on one held-out split."""
-    result = predict_split(model, loader, accelerator, task=task, frozen_features=frozen_features)
+    result = predict_split(model, loader, accelerator, task=task, frozen_features=frozen_features, skips=skips)
     trained = accuracy_metrics(result["predictions"], result["labels"], len(class_names))
     zero_shot = accuracy_metrics(result["zero_shot_predictions"], result["labels"], len(class_names))
     return {

@@ -31,6 +31,19 @@ from .catalog import save_split_file
 from .checkpoints import checkpoint_dirs, load_checkpoint, load_checkpoint_state, register_checkpointed, save_checkpoint
 from .data import FewShotData, ImageBatcher, load_tasks, scheduled_batches, task_schedule
 from .evaluation import split_metrics
+from .input_pipeline import (
+    CachedImageDataset,
+    DecodedImageCache,
+    DeviceAugmenter,
+    ReportingImageBatcher,
+    SkipCounter,
+    cache_size_for,
+    collate_cached,
+    default_cache_dir,
+    default_num_workers,
+    loader_kwargs,
+    processor_crop_size,
+)
 from .recipe import build_optimizer, build_scheduler
 from .run_dir import (
     TRACKER_DIR,
@@ -77,6 +90,8 @@ class Run:
     train_loaders: dict[str, DataLoader]
     test_loaders: dict[str, DataLoader]
     val_loaders: dict[str, DataLoader]  # empty without --eval_every
+    augmenter: DeviceAugmenter | None  # training batches decoded once (--input_pipeline decoded_cache)
+    skips: SkipCounter  # unreadable images met by the decoding loaders' workers and the cache
     batchers: tuple[ImageBatcher, ImageBatcher]  # train, test
     generator: torch.Generator
     identity: dict
@@ -154,6 +169,13 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         min_crop_scale=args.min_crop_scale,
     )
     test_batcher = ImageBatcher(processor, args.image_column, args.label_column)
+    cuda = accelerator.device.type == "cuda"
+    workers = args.dataloader_num_workers
+    workers = (default_num_workers(accelerator.num_processes) if cuda else 0) if workers is None else workers
+    if workers:  # batches carry their skipped images to the main process, which counts each once
+        test_batcher = ReportingImageBatcher(processor, args.image_column, args.label_column)
+    decoding = loader_kwargs(workers, local_processes=accelerator.num_processes) if workers else {}
+    use_cache = args.input_pipeline == "decoded_cache" or (args.input_pipeline == "auto" and cuda)
     if config.visual_prompt_init == "prototype" and checkpoint is None:
         loaders = [
             DataLoader(d.train, batch_size=args.eval_batch_size, collate_fn=test_batcher) for d in tasks.values()
@@ -172,23 +194,39 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         if accelerator.is_main_process:
             write_split_files(args, tasks)
         generator = torch.Generator()
-        train_loaders = {  # Dassl drops the last partial batch when there is at least one full batch
-            name: DataLoader(
-                data.train,
+        skips = SkipCounter()
+        augmenter = None
+        train_loaders = {}
+        for name, data in tasks.items():
+            cache = None
+            if use_cache:
+                with accelerator.main_process_first():  # the main process decodes, the others read its files
+                    size = cache_size_for(processor_crop_size(processor))
+                    cache = DecodedImageCache.build(
+                        data.train, args.image_column, size, cache_dir=default_cache_dir(), num_workers=workers
+                    )
+            if cache is not None:
+                skips.update(cache.skipped)
+                augmenter = DeviceAugmenter.from_processor(
+                    processor, train=args.augment, seed=args.seed, min_scale=args.min_crop_scale
+                )
+            source = (
+                data.train if cache is None else CachedImageDataset.from_dataset(cache, data.train, args.label_column)
+            )
+            train_loaders[name] = DataLoader(  # Dassl drops the last partial batch when there is a full one
+                source,
                 batch_size=args.batch_size,
                 shuffle=True,
                 generator=generator,
-                collate_fn=train_batcher,
+                collate_fn=train_batcher if cache is None else collate_cached,
                 drop_last=len(data.train) >= args.batch_size,
             )
-            for name, data in tasks.items()
-        }
         test_loaders = {
-            name: DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+            name: DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher, **decoding)
             for name, data in tasks.items()
         }
         val_loaders = {
-            name: DataLoader(data.val, batch_size=args.eval_batch_size, collate_fn=test_batcher)
+            name: DataLoader(data.val, batch_size=args.eval_batch_size, collate_fn=test_batcher, **decoding)
             for name, data in tasks.items()
             if args.eval_every and data.val is not None
         }
@@ -237,6 +275,8 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         train_loaders,
         test_loaders,
         val_loaders,
+        augmenter,
+        skips,
         (train_batcher, test_batcher),
         generator,
         identity,
@@ -269,6 +309,8 @@ def train_epoch(run: Run, epoch: int) -> None:
     for task, batch in scheduled_batches(run.train_loaders, schedule):
         if batch is None:
             continue
+        if "images" in batch:  # decoded once: crop, flip and normalize on the device
+            batch = {"pixel_values": run.augmenter(batch["images"], epoch, batch["indices"]), "labels": batch["labels"]}
         with accelerator.accumulate(run.model):
             output = run.model(**batch, task=task if run.multitask else None, guidance=guidance)
             check_loss(run, output.loss, epoch, state.global_step + 1)  # before the update it would poison
@@ -326,6 +368,7 @@ def validate(run: Run, epoch: int) -> float:
             run.tasks[name].class_names,
             name if run.multitask else None,
             run.frozen_val_features.setdefault(name, {}),
+            run.skips,
         )["accuracy"]
         for name, loader in run.val_loaders.items()
     ]
@@ -382,11 +425,17 @@ def report(run: Run, wall_time: float) -> dict:
     run.progress.close()
     per_task = {
         name: split_metrics(
-            run.model, run.test_loaders[name], accelerator, run.tasks[name].class_names, name if run.multitask else None
+            run.model,
+            run.test_loaders[name],
+            accelerator,
+            run.tasks[name].class_names,
+            name if run.multitask else None,
+            skips=run.skips,
         )
         for name in run.tasks
     }
-    skipped = run.batchers[0].skipped + run.batchers[1].skipped
+    run.skips.update(run.batchers[0].skipped + run.batchers[1].skipped)
+    skipped = run.skips.skipped
     metrics: dict = {"method": args.method}
     if run.multitask:
         metrics.update({key: sum(m[key] for m in per_task.values()) / len(per_task) for key in SUMMARY_KEYS})
@@ -406,6 +455,7 @@ def report(run: Run, wall_time: float) -> dict:
             "wall_time_s": wall_time,
             "final_train_loss": state.history[-1]["loss"] if state.history else None,
             "mixed_precision": accelerator.mixed_precision,
+            "input_pipeline": "decoded_cache" if run.augmenter is not None else "pil",
             "best_epoch": state.best_epoch,
             "best_val_accuracy": state.best_val_accuracy,
         }
