@@ -28,3 +28,14 @@ def pixel_values() -> torch.Tensor:
 @pytest.fixture
 def labels() -> torch.Tensor:
     return torch.tensor([0, 1, 2, 3])
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process; a run with other precision or launcher settings needs it reset (as a
+    new process would have it)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

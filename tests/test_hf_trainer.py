@@ -63,3 +63,21 @@ def test_dpt_trainer_applies_the_recipe_and_saves_a_loadable_adapter(setup, tmp_
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+def test_a_plain_trainer_reports_eval_loss(setup, tmp_path):
+    from transformers import Trainer
+
+    model, processor, train, test = setup
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"),
+        per_device_eval_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, eval_dataset=test, data_collator=ImageBatcher(processor, "image", "label")
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0

@@ -263,16 +263,6 @@ def test_accelerate_launch_single_process(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["num_test_images"] == 600
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one state per process; a run with another precision needs it reset (as a new process)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_mixed_precision_run(tmp_path, fresh_accelerate_state):
     fp32 = run(tmp_path / "fp32")
     from accelerate.state import AcceleratorState

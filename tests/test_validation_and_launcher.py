@@ -17,14 +17,6 @@ from dpt_peft.cli import train_main
 SHORT = ["--epochs", "3", "--shots", "4", "--report_to", "none", "--eval_batch_size", "300"]
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one state per process; a run with other launcher settings needs it reset."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_validation_every_epoch_keeps_the_best_adapter(tmp_path, monkeypatch):
     calls = []
     original = model_module.DPTModel.zero_shot_image_features

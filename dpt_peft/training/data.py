@@ -259,7 +259,9 @@ class ImageBatcher:
         if not images:
             return None
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long)}
+        # `return_loss` lets a plain transformers Trainer report eval_loss: it inspects CLIPModel.forward (a PEFT
+        # model hides ours) and so finds no `labels` argument; DPTPeftModel.forward ignores the flag.
+        return {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long), "return_loss": True}
 
     def _skip(self, value, err: Exception) -> None:
         """Log and count an unreadable image once, however many epochs meet it."""
