@@ -104,23 +104,27 @@ def test_benchmark_script_runs_on_a_tiny_model(tmp_path):
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    (row,) = json.loads(output.read_text())
-    for key in (
-        "method",
-        "num_classes",
-        "baseline_images_per_s",
-        "images_per_s",
-        "speedup",
-        "baseline_peak_mem_mb",
-        "peak_mem_mb",
-        "device",
-        "flops_per_step",
-        "max_logit_diff_fp32",
-    ):
-        assert key in row
-    assert row["method"] == "dpt" and row["num_classes"] == 3 and row["flops_per_step"] > 0
-    assert row["max_logit_diff_fp32"] < 1e-4
-    assert row["speedup"] == pytest.approx(row["images_per_s"] / row["baseline_images_per_s"])
+    rows = json.loads(output.read_text())
+    assert [row["text_encoding"] for row in rows] == ["auto", "full"]  # one row per text path of ours
+    for row in rows:
+        for key in (
+            "method",
+            "num_classes",
+            "baseline_images_per_s",
+            "images_per_s",
+            "speedup",
+            "baseline_peak_mem_mb",
+            "peak_mem_mb",
+            "device",
+            "flops_per_step",
+            "text_share",
+            "infer_cost_in_bare_passes",
+            "max_logit_diff_fp32",
+        ):
+            assert row[key] is not None, key
+        assert row["method"] == "dpt" and row["num_classes"] == 3 and row["flops_per_step"] > 0
+        assert row["max_logit_diff_fp32"] < 1e-4 and 0 < row["text_share"]
+        assert row["speedup"] == pytest.approx(row["images_per_s"] / row["baseline_images_per_s"])
 
 
 @pytest.mark.slow
