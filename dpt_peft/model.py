@@ -525,8 +525,8 @@ class DPTModel(BaseTuner):
             classes = self.label_space_for(class_names, adapter_name)
         else:
             classes = self.task_classes(adapter_name, task)
-        labels = _checked_labels(labels, len(pixel_values), classes.num_classes) if labels is not None else None
         _check_pixel_values(pixel_values)
+        labels = _checked_labels(labels, len(pixel_values), classes.num_classes) if labels is not None else None
         text = self.class_text_features(adapter_name=adapter_name, classes=classes)
         need_zero_shot = config.class_aware or guidance or output_zero_shot_logits
         zero_shot_logits = zero_shot_image = zero_shot_text = top_k = None

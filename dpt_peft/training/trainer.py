@@ -168,7 +168,7 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         seed=args.seed,
         min_crop_scale=args.min_crop_scale,
     )
-    test_batcher = ImageBatcher(processor, args.image_column, args.label_column)
+    test_batcher = plain_batcher = ImageBatcher(processor, args.image_column, args.label_column)
     cuda = accelerator.device.type == "cuda"
     workers = args.dataloader_num_workers
     workers = (default_num_workers(accelerator.num_processes) if cuda else 0) if workers is None else workers
@@ -178,7 +178,7 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
     use_cache = args.input_pipeline == "decoded_cache" or (args.input_pipeline == "auto" and cuda)
     if config.visual_prompt_init == "prototype" and checkpoint is None:
         loaders = [
-            DataLoader(d.train, batch_size=args.eval_batch_size, collate_fn=test_batcher) for d in tasks.values()
+            DataLoader(d.train, batch_size=args.eval_batch_size, collate_fn=plain_batcher) for d in tasks.values()
         ]
         init_visual_prompts_from_prototypes(
             model,
