@@ -117,12 +117,3 @@ def predict(
         for source, row_scores, row_indices in zip(sources, scores.tolist(), indices.tolist()):
             results.append(Prediction(source, [names[i] for i in row_indices], row_scores))
     return results
-
-
-def __getattr__(name: str):
-    # The zero-shot pipeline became a transformers Pipeline in `pipeline.py` (imported lazily: it imports this module).
-    if name == "DPTZeroShotPipeline":
-        from .pipeline import DPTZeroShotPipeline
-
-        return DPTZeroShotPipeline
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
