@@ -51,7 +51,8 @@ def write_report(results: dict[str, list[float]], markdown_path: str, figure_pat
 
 Measured by `{command}` on 2 CPU cores: the toy CLIP shipped in `dpt_peft/toy/assets`, the `toy-position`
 task (5 classes, 16 shots per class, 600 held-out test images per seed), the DPT recipe of docs/method.md
-section 5 (SGD, 60 epochs, batch 32, guidance for the first 30 epochs) with the two toy settings
+section 5 (SGD, 60 epochs, batch 32; VPT+CoOp and DPT with guidance for the first 30 epochs, CoOp and VPT
+with plain cross-entropy, as the reference trainers) with the two toy settings
 (4 context tokens, no augmentation). Each seed draws its own toy datasets and few-shot set; every method
 sees the same ones. Zero-shot is plain CLIP with "a photo of a {{class}}.".
 
