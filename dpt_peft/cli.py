@@ -97,11 +97,12 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=predict_main.__doc__, formatter_class=_Formatter)
     _image_arguments(parser)
     parser.add_argument("--output", default="predictions.jsonl", help="JSON lines: path, labels, probabilities.")
+    parser.add_argument("--overwrite_output", action="store_true", help="Replace an existing --output file.")
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     _check_positive(parser, args, "top_k", "batch_size")
-    _check_writable_file(parser, args.output, "--output")
+    _check_writable_file(parser, args.output, "--output", args.overwrite_output)
     paths = expand_paths(args.images)
     model, processor = _adapted_model(args)
     predictions = predict(
@@ -251,11 +252,13 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *
             parser.error(f"--{name} {getattr(args, name)} must be at least 1.")
 
 
-def _check_writable_file(parser: argparse.ArgumentParser, path: str, flag: str) -> None:
-    """Before any work: the output can be written where asked."""
+def _check_writable_file(parser: argparse.ArgumentParser, path: str, flag: str, overwrite: bool) -> None:
+    """Before any work: the output can be written where asked, and no existing file is replaced unasked."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         parser.error(f"{flag} {path} is a directory; give a file name such as predictions.jsonl.")
+    if os.path.exists(path) and not overwrite:
+        parser.error(f"{flag} {path} already exists; choose another file, or pass --overwrite_output to replace it.")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         parser.error(f"{flag} {path}: the folder {folder} does not exist or is not writable.")
 

@@ -37,6 +37,6 @@ def checked_labels(labels, batch_size: int, num_classes: int) -> torch.Tensor:
             f"labels must be integer class indices of shape [{batch_size}] (one per image), got {labels.dtype} of "
             f"shape {tuple(labels.shape)}."
         )
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    if bool(((labels < 0) | (labels >= num_classes)).any()):  # one device sync per step, not two
         raise ValueError(f"labels must lie in 0..{num_classes - 1} (the task's classes), got {labels.tolist()}.")
     return labels.long()

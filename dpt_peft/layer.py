@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -42,11 +42,11 @@ class ForwardContext:
     bypass: bool = False  # run the frozen CLIP (zero-shot pass, prototype collection)
     record_attention: bool = False  # keep each class-aware layer's attention
     probe_class_features: torch.Tensor | None = None  # [B, M, P]: attention of these classes' prompts, not inserted
-    capture_layers: frozenset[int] = frozenset()  # vision layers whose input tokens to keep
+    capture_layers: frozenset[int] = frozenset()  # vision layers whose input tokens go to `on_layer_input`
+    on_layer_input: Callable[[int, torch.Tensor], None] | None = None  # (layer index, tokens [B, N, D])
     class_aware_logits: list[torch.Tensor] = field(default_factory=list)  # per class-aware layer, [B, K, C]
     class_aware_attentions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K, N + kv]
     probe_attentions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, M, N + kv]
-    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, N, D]
 
 
 class ForwardContextSlot:
@@ -265,7 +265,7 @@ class VisionPromptLayer(nn.Module, DPTLayer):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.layer_index in self.context.capture_layers:
-            self.context.layer_inputs[self.layer_index] = hidden_states
+            self.context.on_layer_input(self.layer_index, hidden_states)
         adapter = self._prompting_adapter
         prompts = [] if adapter is None else self._prompts(adapter, hidden_states)
         if not prompts:

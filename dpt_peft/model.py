@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -376,9 +376,9 @@ class DPTModel(BaseTuner):
     def forward_context(self, **inputs: Any) -> Iterator[ForwardContext]:
         """Hand the wrapped layers what they need for one forward and collect what they produce.
 
-        `inputs` are `ForwardContext` fields (e.g. `bypass=True` for the frozen CLIP, `capture_layers={3}` to keep
-        the tokens entering vision layer 3). The previous context is restored on exit, even after an error, so
-        nothing of one forward leaks into the next.
+        `inputs` are `ForwardContext` fields (e.g. `bypass=True` for the frozen CLIP, or `capture_layers={3}` and
+        `on_layer_input` to receive the tokens entering vision layer 3). The previous context is restored on exit,
+        even after an error, so nothing of one forward leaks into the next.
         """
         context = ForwardContext(**inputs)
         previous, self._slot.current = self._slot.current, context
@@ -485,11 +485,16 @@ class DPTModel(BaseTuner):
         with torch.no_grad(), self.forward_context(bypass=True):
             return self.image_features(pixel_values)
 
-    def frozen_layer_inputs(self, pixel_values: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Tokens `[B, N, D]` entering each of `layers` in the frozen, prompt-free CLIP (SPT's token pools)."""
-        with torch.no_grad(), self.forward_context(bypass=True, capture_layers=frozenset(layers)) as context:
+    def frozen_layer_inputs(
+        self, pixel_values: torch.Tensor, layers: list[int], consume: Callable[[int, torch.Tensor], None]
+    ) -> None:
+        """Hand `consume(layer, tokens [B, N, D])` the tokens entering each of `layers` in the frozen, prompt-free
+        CLIP (SPT's token pools), layer by layer, so no layer's tokens outlive their use."""
+        with (
+            torch.no_grad(),
+            self.forward_context(bypass=True, capture_layers=frozenset(layers), on_layer_input=consume),
+        ):
             self.image_features(pixel_values)
-        return context.layer_inputs
 
     def _scaled_cosine(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         return self.model.logit_scale.exp() * _normalize(images) @ _normalize(texts).t().to(images.dtype)

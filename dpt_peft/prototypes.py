@@ -101,15 +101,18 @@ def collect_layer_tokens(
     pools = {index: _Reservoir(max_tokens_per_layer, generator) for index in layers}
     device = next(model.parameters()).device
     images = 0
+
+    def collect(index: int, tokens: torch.Tensor) -> None:
+        patches = tokens[:, 1:]
+        if num_windows is not None:
+            patches = F.adaptive_avg_pool1d(patches.transpose(1, 2).float(), num_windows).transpose(1, 2)
+        pools[index].add(patches.reshape(-1, patches.shape[-1]))
+
     for batch in tqdm(dataloader, desc="prototype tokens", leave=False):
         if batch is None:
             continue
         pixel_values = _pixel_values(batch)[: max_images - images]
-        for index, tokens in tuner.frozen_layer_inputs(pixel_values.to(device), layers).items():
-            patches = tokens[:, 1:]
-            if num_windows is not None:
-                patches = F.adaptive_avg_pool1d(patches.transpose(1, 2).float(), num_windows).transpose(1, 2)
-            pools[index].add(patches.reshape(-1, patches.shape[-1]))
+        tuner.frozen_layer_inputs(pixel_values.to(device), layers, collect)
         images += len(pixel_values)
         if images >= max_images:
             break

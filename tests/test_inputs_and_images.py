@@ -172,3 +172,47 @@ def test_toy_adapters_record_no_path_of_this_machine(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "dpt-peft/toy-clip"
     assert not [value for value in config.values() if isinstance(value, str) and value.startswith("/")]
+
+
+def test_text_encoding_must_be_a_known_path():
+    with pytest.raises(ValueError, match="text_encoding='fast'; use 'auto', 'shared_prefix' or 'full'"):
+        DPTConfig(class_names=CLASS_NAMES, text_encoding="fast")
+
+
+def test_other_class_names_are_for_inference_only(model, pixel_values, labels):
+    with pytest.raises(ValueError, match="class_names classifies over other classes.*set_class_names"):
+        model(pixel_values=pixel_values, labels=labels, class_names=["bird", "fish"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--eval_every", "-1"], "--eval_every -1 must be 0"),
+        (["--dataloader_num_workers", "-2"], "--dataloader_num_workers -2 must be 0 or more"),
+        (["--label_column", "shape", "--subsample_classes", "base"], "needs a ClassLabel column named 'label'"),
+        (["--split_file", "split.json"], "--split_file applies to the CoOp benchmark datasets"),
+    ],
+)
+def test_run_flags_that_cannot_apply_are_named(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_main(["--report_to", "none", "--output_dir", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_validation_is_refused_where_val_would_be_the_test_split(tmp_path):
+    from coop_layouts import make_layout
+
+    make_layout(tmp_path / "data", "imagenet")
+    argv = ["--dataset", "imagenet", "--data_root", str(tmp_path / "data"), "--shots", "1", "--eval_every", "1"]
+    with pytest.raises(ValueError, match="imagenet has none apart from its test split"):
+        train_main([*argv, "--report_to", "none", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_never_replaces_an_existing_file_unasked(tmp_path, capsys):
+    existing = tmp_path / "mine.jsonl"
+    existing.write_text("my notes\n")
+    with pytest.raises(SystemExit):
+        predict_main(["--adapter", "missing", str(tmp_path), "--output", str(existing)])
+    assert "already exists; choose another file, or pass --overwrite_output" in capsys.readouterr().err
+    assert existing.read_text() == "my notes\n"

@@ -380,7 +380,6 @@ def validate(run: Run, epoch: int) -> float:
             unwrapped = run.accelerator.unwrap_model(run.model)
             best = Path(run.args.output_dir) / "best_adapter"
             unwrapped.save_pretrained(best, is_main_process=run.accelerator.is_main_process)
-    run.model.train()
     return accuracy
 
 
