@@ -40,8 +40,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dpt_peft.training.data import ImageBatcher, undecoded, with_index
-from dpt_peft.training.input_pipeline import (
+from dpt_peft.data.datasets import ImageBatcher, undecoded, with_index
+from dpt_peft.data.input_pipeline import (
     CachedImageDataset,
     DecodedImageCache,
     DeviceAugmenter,

@@ -18,9 +18,9 @@ from transformers import AutoImageProcessor, CLIPModel
 
 import dpt_peft  # noqa: F401
 from dpt_peft import DPTConfig, init_visual_prompts_from_prototypes
+from dpt_peft.data.datasets import ImageBatcher, load_task
 from dpt_peft.toy.pretrain import toy_clip_path
 from dpt_peft.training.arguments import TOY_CONFIG_DEFAULTS, TrainArguments
-from dpt_peft.training.data import ImageBatcher, load_task
 
 
 def initial_loss(method: str, prototype_method: str | None, seed: int) -> float:

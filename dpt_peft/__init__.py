@@ -8,15 +8,15 @@ from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
-from .auto import AutoDPTModel
 from .config import DPTConfig
-from .inference import Prediction, predict
+from .integrations.auto import AutoDPTModel
+from .integrations.inference import Prediction, predict
+from .integrations.pipeline import DPTImageClassificationPipeline, DPTZeroShotPipeline, register_pipeline
 from .layer import ClassAwarePromptGenerator, ForwardContext, ParameterKind, TextContextEmbeddings, VisionPromptLayer
 from .model import DPTModel
 from .outputs import DPTOutput
 from .peft_model import DPTPeftModel
 from .peft_types import DPT_PEFT_TYPE, PEFT_TYPE_NAME, TASK_TYPE_NAME
-from .pipeline import DPTImageClassificationPipeline, DPTZeroShotPipeline, register_pipeline
 from .prototypes import init_visual_prompts_from_prototypes
 
 # As PEFT's own tuners do; guarded because the registry refuses a second registration (re-imports, reloads).
@@ -29,7 +29,7 @@ register_pipeline()  # pipeline("dpt-image-classification", model=...)
 def __getattr__(name: str):
     """`DPTTrainer` is imported on first use: transformers' Trainer is a heavy import most users never need."""
     if name == "DPTTrainer":
-        from .hf_trainer import DPTTrainer
+        from .integrations.hf_trainer import DPTTrainer
 
         return DPTTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from .inference import expand_paths, predict
-from .loading import load_adapted_model, read_class_names
+from .integrations.inference import expand_paths, predict
+from .sources import load_adapted_model, read_class_names
 
 
 def train_main(argv: list[str] | None = None) -> dict:
@@ -34,7 +34,7 @@ def train_main(argv: list[str] | None = None) -> dict:
 
 def evaluate_main(argv: list[str] | None = None) -> dict:
     """Evaluate an adapter on a dataset split (optionally base-to-new)."""
-    from .training.data import load_checked_split
+    from .data.datasets import load_checked_split
     from .training.evaluation import evaluate_adapter
 
     parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=_Formatter)
@@ -124,9 +124,9 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
 def visualize_main(argv: list[str] | None = None) -> list[str]:
     """Class-aware attention maps of each image's top classes (one PNG per image), and with --context the
     vocabulary tokens nearest to each learned context vector."""
-    from .images import open_rgb
-    from .plots import save_attention_figure
-    from .visualize import class_aware_attention, nearest_context_tokens
+    from .data.images import open_rgb
+    from .integrations.visualize import class_aware_attention, nearest_context_tokens
+    from .utils.plots import save_attention_figure
 
     parser = argparse.ArgumentParser(description=visualize_main.__doc__, formatter_class=_Formatter)
     _image_arguments(parser)
@@ -158,7 +158,7 @@ def visualize_main(argv: list[str] | None = None) -> list[str]:
 def ablation_main(argv: list[str] | None = None) -> dict:
     """Zero-shot vs CoOp, VPT, VPT+CoOp and DPT on the embedded default over several seeds; writes
     results.md, results.json and ablation.png to --docs_dir. Unknown flags go to every training run."""
-    from .training.ablation import run_ablation, write_report
+    from .experiments.ablation import run_ablation, write_report
 
     parser = argparse.ArgumentParser(description=ablation_main.__doc__, formatter_class=_Formatter)
     parser.add_argument("--output_dir", default="outputs/ablation")
@@ -176,7 +176,7 @@ def ablation_main(argv: list[str] | None = None) -> dict:
 def benchmark_main(argv: list[str] | None = None) -> str:
     """The paper's protocols on the CoOp datasets (few_shot, base_to_new, cross_dataset, domain_generalization): a
     resumable grid of runs, then results.md, results.csv and plots. Unknown flags go to every training run."""
-    from .training.benchmark import FEW_SHOT_DATASETS, PROTOCOLS, benchmark
+    from .experiments.benchmark import FEW_SHOT_DATASETS, PROTOCOLS, benchmark
 
     parser = argparse.ArgumentParser(description=benchmark_main.__doc__, formatter_class=_Formatter)
     parser.add_argument("--protocol", choices=PROTOCOLS, default="few_shot")

@@ -10,7 +10,7 @@ from coop_layouts import make_layout
 
 import dpt_peft.cli as cli
 from dpt_peft.cli import benchmark_main
-from dpt_peft.training.benchmark import plan
+from dpt_peft.experiments.benchmark import plan
 from dpt_peft.training.checkpoints import continue_flags
 
 SMALL = ["--epochs", "1", "--batch_size", "4", "--eval_batch_size", "64", "--num_text_tokens", "1"]

@@ -17,7 +17,7 @@ import pytest
 from coop_layouts import DIRECTORIES, PETS, SPLIT_FILES, make_layout
 from datasets import Image
 
-from dpt_peft.training.catalog import (
+from dpt_peft.data.catalog import (
     COOP_DATASETS,
     DATASET_NAMES,
     apply_split,

@@ -32,9 +32,9 @@ from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel, pipeline
 
 from dpt_peft import DPTConfig, DPTPeftModel
-from dpt_peft.auto import AutoDPTModel
+from dpt_peft.integrations.auto import AutoDPTModel
+from dpt_peft.integrations.pipeline import DEFAULT_URL_TIMEOUT, TASK, DPTImageClassificationPipeline
 from dpt_peft.layer import DPTLayer
-from dpt_peft.pipeline import DEFAULT_URL_TIMEOUT, TASK, DPTImageClassificationPipeline
 from dpt_peft.toy.pretrain import TOY_CLIP_ID, toy_clip_path
 
 REPO_ID = "someone/dpt-tiny-clip"
@@ -227,7 +227,7 @@ def test_candidates_equal_to_the_adapters_classes_are_its_own_forward(adapters, 
 def test_hypothesis_template_is_ignored_with_a_note(adapters, images, caplog):
     classifier = pipeline(TASK, model=loaded(adapters["coop"]), device="cpu")
     plain = classifier(str(images[0]))
-    with caplog.at_level(logging.WARNING, logger="dpt_peft.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="dpt_peft.integrations.pipeline"):
         templated = classifier(str(images[0]), hypothesis_template="This is a photo of {}.")
     assert templated == plain
     assert "hypothesis_template is ignored" in caplog.text and "learned context" in caplog.text

@@ -9,10 +9,10 @@ from peft import PeftModel, get_peft_model
 from transformers import TrainingArguments
 
 from dpt_peft import DPTConfig, DPTTrainer
-from dpt_peft.loading import load_clip
+from dpt_peft.data.datasets import ImageBatcher
+from dpt_peft.sources import load_clip
 from dpt_peft.toy.tasks import toy_dataset
 from dpt_peft.training.arguments import TrainArguments
-from dpt_peft.training.data import ImageBatcher
 from dpt_peft.training.recipe import VISUAL_GROUP
 
 

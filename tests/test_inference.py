@@ -15,8 +15,8 @@ from transformers import AutoImageProcessor, CLIPModel
 
 from dpt_peft import DPTConfig, DPTZeroShotPipeline, predict
 from dpt_peft.cli import predict_main, visualize_main
-from dpt_peft.inference import expand_paths
-from dpt_peft.visualize import class_aware_attention, nearest_context_tokens
+from dpt_peft.integrations.inference import expand_paths
+from dpt_peft.integrations.visualize import class_aware_attention, nearest_context_tokens
 
 
 @pytest.fixture

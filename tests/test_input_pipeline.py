@@ -1,4 +1,4 @@
-"""The decode-once cache, device augmentation and parallel loading of `dpt_peft.training.input_pipeline`: the same
+"""The decode-once cache, device augmentation and parallel loading of `dpt_peft.data.input_pipeline`: the same
 crops and pixels as `ImageBatcher`, the stated tolerance to the image processor, determinism, cache reuse, and
 unreadable images counted once (also across DataLoader workers)."""
 
@@ -15,10 +15,8 @@ from datasets import Dataset, Image
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
-from dpt_peft.toy.pretrain import image_processor
-from dpt_peft.training import input_pipeline
-from dpt_peft.training.data import ImageBatcher, random_resized_crop, undecoded, with_index
-from dpt_peft.training.input_pipeline import (
+from dpt_peft.data.datasets import ImageBatcher, random_resized_crop, undecoded, with_index
+from dpt_peft.data.input_pipeline import (
     CachedImageDataset,
     DecodedImageCache,
     DeviceAugmenter,
@@ -30,6 +28,8 @@ from dpt_peft.training.input_pipeline import (
     loader_kwargs,
     to_cached_square,
 )
+from dpt_peft.toy.pretrain import image_processor
+from dpt_peft.data import input_pipeline
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")  # a real photo, 512 x 600
 # Two-sample Kolmogorov-Smirnov critical value at alpha = 0.001 for 2000 + 2000 draws: 1.949 * sqrt(2 / 2000).

@@ -16,9 +16,9 @@ from transformers import CLIPModel
 
 from dpt_peft import DPTConfig, predict
 from dpt_peft.cli import _figure_names, predict_main, train_main
-from dpt_peft.images import open_rgb
+from dpt_peft.data.datasets import ImageBatcher, few_shot_split, load_image_dataset, undecoded
+from dpt_peft.data.images import open_rgb
 from dpt_peft.training.arguments import parse_args
-from dpt_peft.training.data import ImageBatcher, few_shot_split, load_image_dataset, undecoded
 
 
 @pytest.mark.parametrize(

@@ -249,9 +249,9 @@ def test_transfer_from_related_toy_tasks_starts_from_a_lower_loss(tmp_path):
     from torch.utils.data import DataLoader
     from transformers import AutoImageProcessor
 
+    from dpt_peft.data.datasets import ImageBatcher, load_task
     from dpt_peft.toy.pretrain import toy_clip_path
     from dpt_peft.training.arguments import TOY_CONFIG_DEFAULTS, TrainArguments
-    from dpt_peft.training.data import ImageBatcher, load_task
 
     source = tmp_path / "source"
     train_main(

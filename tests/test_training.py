@@ -295,7 +295,7 @@ def test_push_to_hub_after_training(tmp_path, monkeypatch):
 
 def test_a_hub_dataset_name_goes_through_load_dataset(tmp_path, monkeypatch):
     """The download is faked; everything after `load_dataset` (checks, few-shot split, training) runs for real."""
-    import dpt_peft.training.data as data_module
+    import dpt_peft.data.datasets as data_module
     from dpt_peft.toy.tasks import toy_dataset
 
     requested = []

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import DPTConfig
-from .catalog import COOP_DATASETS
+from ..data.catalog import COOP_DATASETS
 from .recipe import uses_guidance
 
 # Every DPTConfig field a user sets is a flag (they override the --method preset).

@@ -13,11 +13,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..loading import load_adapted_model
+from ..data.datasets import ImageBatcher, undecoded
+from ..data.input_pipeline import SKIPPED_KEY, SkipCounter
 from ..metrics import ACCURACY_PATH
-from ..plots import plot_per_class
-from .data import ImageBatcher, undecoded
-from .input_pipeline import SKIPPED_KEY, SkipCounter
+from ..sources import load_adapted_model
+from ..utils.plots import plot_per_class
 
 
 def predict_split(

@@ -22,16 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import DPTConfig
-from ..loading import load_clip
-from ..model_card import ModelCardInfo
-from ..plots import plot_training_curve
-from ..prototypes import init_visual_prompts_from_prototypes
-from .arguments import TrainArguments
-from .catalog import save_split_file
-from .checkpoints import checkpoint_dirs, load_checkpoint, load_checkpoint_state, register_checkpointed, save_checkpoint
-from .data import FewShotData, ImageBatcher, load_tasks, scheduled_batches, task_schedule
-from .evaluation import split_metrics
-from .input_pipeline import (
+from ..data.catalog import save_split_file
+from ..data.datasets import FewShotData, ImageBatcher, load_tasks, scheduled_batches, task_schedule
+from ..data.input_pipeline import (
     CachedImageDataset,
     DecodedImageCache,
     DeviceAugmenter,
@@ -44,6 +37,13 @@ from .input_pipeline import (
     loader_kwargs,
     processor_crop_size,
 )
+from ..model_card import ModelCardInfo
+from ..prototypes import init_visual_prompts_from_prototypes
+from ..sources import load_clip
+from ..utils.plots import plot_training_curve
+from .arguments import TrainArguments
+from .checkpoints import checkpoint_dirs, load_checkpoint, load_checkpoint_state, register_checkpointed, save_checkpoint
+from .evaluation import split_metrics
 from .recipe import build_optimizer, build_scheduler
 from .run_dir import (
     TRACKER_DIR,

@@ -57,8 +57,8 @@ from datasets import Dataset
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
-from ..images import UNREADABLE_IMAGE_ERRORS
-from .data import ImageBatcher, decode_image_value, undecoded
+from .datasets import ImageBatcher, decode_image_value, undecoded
+from .images import UNREADABLE_IMAGE_ERRORS
 
 logger = logging.getLogger(__name__)
 

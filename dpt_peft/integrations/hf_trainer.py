@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .outputs import DPTOutput
-from .training.arguments import TrainArguments
-from .training.recipe import build_optimizer, build_scheduler
+from ..outputs import DPTOutput
+from ..training.arguments import TrainArguments
+from ..training.recipe import build_optimizer, build_scheduler
 
 
 class DPTTrainer(Trainer):

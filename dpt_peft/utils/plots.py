@@ -15,7 +15,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .visualize import AttentionMap
+    from ..integrations.visualize import AttentionMap
 
 
 def _pyplot():

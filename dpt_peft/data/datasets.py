@@ -17,13 +17,13 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
 from PIL import Image as PILImage
 
-from ..images import UNREADABLE_IMAGE_ERRORS, open_rgb
-from ..loading import read_class_names
+from ..sources import read_class_names
 from .catalog import COOP_DATASETS, MAX_VAL_SHOTS, apply_split, load_coop_dataset, load_split_file, subsample_classes
 from .catalog import few_shot_split as coop_few_shot_split
+from .images import UNREADABLE_IMAGE_ERRORS, open_rgb
 
 if TYPE_CHECKING:
-    from .arguments import TrainArguments
+    from ..training.arguments import TrainArguments
 
 logger = logging.getLogger(__name__)
 TOY_PREFIX = "toy-"

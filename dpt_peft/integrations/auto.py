@@ -15,9 +15,9 @@ from huggingface_hub import ResolvedRevision
 from peft import AutoPeftModel, PeftConfig
 from transformers import CLIPModel, PretrainedConfig
 
-from .config import DPTConfig
-from .peft_model import DPTPeftModel
-from .toy.pretrain import TOY_CLIP_ID, resolve_model_path
+from ..config import DPTConfig
+from ..peft_model import DPTPeftModel
+from ..toy.pretrain import TOY_CLIP_ID, resolve_model_path
 
 # Where each keyword goes. Hub access applies to the adapter and to the base model; PEFT's loading options to the
 # adapter; anything else (dtype, device_map, attn_implementation, quantization_config, ...) to the base CLIP.
@@ -33,7 +33,7 @@ class AutoDPTModel(AutoPeftModel):
     Example:
 
         ```py
-        >>> from dpt_peft.auto import AutoDPTModel
+        >>> from dpt_peft.integrations.auto import AutoDPTModel
         >>> model = AutoDPTModel.from_pretrained("outputs/dpt-toy/adapter", dtype=torch.bfloat16)
         >>> model(pixel_values=pixel_values).logits
         ```

@@ -24,10 +24,10 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
+from ..peft_model import DPTPeftModel
 from .auto import AutoDPTModel
-from .images import UNREADABLE_IMAGE_ERRORS, open_rgb
 from .inference import image_processor_for
-from .peft_model import DPTPeftModel
 
 logger = logging.getLogger(__name__)
 TASK = "dpt-image-classification"

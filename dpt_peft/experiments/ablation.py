@@ -6,10 +6,10 @@ import json
 import os
 import statistics
 
-from ..plots import plot_ablation
-from .arguments import parse_args
-from .checkpoints import continue_flags
-from .trainer import train
+from ..training.arguments import parse_args
+from ..training.checkpoints import continue_flags
+from ..training.trainer import train
+from ..utils.plots import plot_ablation
 
 METHODS = ("coop", "vpt", "vpt_coop", "dpt")
 LABELS = {"zero_shot": "Zero-shot CLIP", "coop": "CoOp", "vpt": "VPT", "vpt_coop": "VPT+CoOp", "dpt": "DPT"}

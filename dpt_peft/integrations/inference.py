@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor
 
-from .images import UNREADABLE_IMAGE_ERRORS, open_rgb
-from .toy.pretrain import resolve_model_path
+from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
+from ..toy.pretrain import resolve_model_path
 
 logger = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor

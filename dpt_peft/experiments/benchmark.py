@@ -17,9 +17,9 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..plots import plot_accuracy_against_shots
-from .catalog import COOP_DATASETS, load_coop_dataset
-from .checkpoints import continue_flags
+from ..data.catalog import COOP_DATASETS, load_coop_dataset
+from ..training.checkpoints import continue_flags
+from ..utils.plots import plot_accuracy_against_shots
 
 PROTOCOLS = ("few_shot", "base_to_new", "cross_dataset", "domain_generalization")
 # The paper's 11 few-shot datasets; ImageNet is the source of the two transfer protocols.
@@ -133,7 +133,7 @@ def run_grid(
 def _evaluate(
     spec: RunSpec, metrics: dict, train_dir: Path, data_root: str, evaluation_targets: list[str], model: str | None
 ) -> dict:
-    from .evaluation import evaluate_adapter
+    from ..training.evaluation import evaluate_adapter
 
     adapter = str(train_dir / "adapter")
     if spec.protocol == "few_shot":

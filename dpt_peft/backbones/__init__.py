@@ -1,0 +1,1 @@
+"""Backbone seam (filled below)."""
