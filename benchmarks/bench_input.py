@@ -40,18 +40,16 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dpt_peft.data.datasets import ImageBatcher, undecoded, with_index
-from dpt_peft.data.input_pipeline import (
+from dpt_peft.data.augmentation import DeviceAugmenter
+from dpt_peft.data.batching import ImageBatcher, ReportingImageBatcher, SkipCounter, undecoded, with_index
+from dpt_peft.data.decoded_cache import (
     CachedImageDataset,
     DecodedImageCache,
-    DeviceAugmenter,
-    ReportingImageBatcher,
-    SkipCounter,
     cache_size_for,
     collate_cached,
-    loader_kwargs,
     to_cached_square,
 )
+from dpt_peft.data.loaders import loader_kwargs
 
 PHOTO = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
 

@@ -18,16 +18,17 @@ from transformers import AutoImageProcessor, CLIPModel
 
 import dpt_peft  # noqa: F401
 from dpt_peft import DPTConfig, init_visual_prompts_from_prototypes
-from dpt_peft.data.datasets import ImageBatcher, load_task
-from dpt_peft.toy.pretrain import toy_clip_path
+from dpt_peft.data.batching import ImageBatcher
+from dpt_peft.data.datasets import load_task
+from dpt_peft.sources import TOY_CLIP_ID, resolve
 from dpt_peft.training.arguments import TOY_CONFIG_DEFAULTS, TrainArguments
 
 
 def initial_loss(method: str, prototype_method: str | None, seed: int) -> float:
     """`prototype_method` None: the usual random normal init."""
     args = TrainArguments(seed=seed, report_to="none")
-    data = load_task(args, args.dataset)
-    path = toy_clip_path()
+    data = load_task(args.data_spec, args.dataset)
+    path = resolve(TOY_CLIP_ID)
     batcher = ImageBatcher(AutoImageProcessor.from_pretrained(path), "image", "label")
     loader = DataLoader(data.train, batch_size=len(data.train), collate_fn=batcher)
     torch.manual_seed(seed)

@@ -27,11 +27,12 @@ register_pipeline()  # pipeline("dpt-image-classification", model=...)
 
 
 def __getattr__(name: str):
-    """`DPTTrainer` is imported on first use: transformers' Trainer is a heavy import most users never need."""
-    if name == "DPTTrainer":
-        from .integrations.hf_trainer import DPTTrainer
+    """`DPTTrainer` and `DPTImageCollator` are imported on first use: transformers' Trainer is a heavy import most
+    users never need."""
+    if name in ("DPTTrainer", "DPTImageCollator"):
+        from .integrations import hf_trainer
 
-        return DPTTrainer
+        return getattr(hf_trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "ClassAwarePromptGenerator",
     "DPTConfig",
     "DPTImageClassificationPipeline",
+    "DPTImageCollator",
     "DPTModel",
     "DPTOutput",
     "DPTPeftModel",
@@ -53,4 +55,4 @@ __all__ = [
     "init_visual_prompts_from_prototypes",
     "predict",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

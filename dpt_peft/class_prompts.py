@@ -14,7 +14,9 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import DPTConfig, normalize_class_name
+from .backbones import PromptFormat
+from .class_names import normalize_class_name
+from .config import DPTConfig
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,22 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Token id that stands in for context vectors (CoOp uses "X"); any id below EOT works."""
+def _placeholder_id(tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat) -> int:
+    """Token id that stands in for context vectors (CoOp uses "X"); any id below the end token works."""
     ids = _encode(tokenizer, "X")
-    return ids[0] if len(ids) == 1 and ids[0] < tokenizer.eos_token_id else 0
+    return ids[0] if len(ids) == 1 and ids[0] < prompt_format.end_id else 0
 
 
-def _check_name_ids(tokenizer: PreTrainedTokenizerBase, name: str, ids: list[int], where: str) -> None:
+def _framed(prompt_format: PromptFormat, ids: list[int]) -> list[int]:
+    """`ids` between the family's start token (if it has one) and its end token."""
+    start = [] if prompt_format.start_id is None else [prompt_format.start_id]
+    return start + ids + [prompt_format.end_id]
+
+
+def _check_name_ids(prompt_format: PromptFormat, name: str, ids: list[int], where: str) -> None:
     if not ids:
         raise ValueError(f"{where}: {name!r} gives no tokens; use text with letters or digits.")
-    special = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    special = {prompt_format.end_id, prompt_format.start_id}
     if special & set(ids):
         raise ValueError(
             f"{where}: {name!r} tokenizes to a start/end-of-text token (characters unknown to the tokenizer), "
@@ -62,6 +70,7 @@ def _pad(rows: list[list[int]], pad_value: int, length: int) -> torch.Tensor:
 
 def build_prompt_layout(
     tokenizer: PreTrainedTokenizerBase,
+    prompt_format: PromptFormat,
     class_names: list[str],
     num_context: int,
     position: Literal["end", "middle", "front"],
@@ -76,22 +85,18 @@ def build_prompt_layout(
     which is how class-specific contexts are indexed. `pad_to` pads every prompt to that length instead of
     the longest prompt (the reference's behaviour, kept for benchmarking).
     """
-    placeholder = _placeholder_id(tokenizer)
+    placeholder = _placeholder_id(tokenizer, prompt_format)
     period = _encode(tokenizer, ".")
     rows, masks, indices = [], [], []
     for c, name in enumerate(class_names):
         name_ids = _encode(tokenizer, normalize_class_name(name))
-        _check_name_ids(tokenizer, name, name_ids, "class_names")
+        _check_name_ids(prompt_format, name, name_ids, "class_names")
         split = {"end": num_context, "middle": num_context // 2, "front": 0}[position]
         ctx_a, ctx_b = range(split), range(split, num_context)
-        segments = (
-            [(tokenizer.bos_token_id, None)]
-            + [(placeholder, j) for j in ctx_a]
-            + [(token, None) for token in name_ids]
-            + [(placeholder, j) for j in ctx_b]
-            + [(token, None) for token in period]
-            + [(tokenizer.eos_token_id, None)]
-        )
+        tokens = _framed(prompt_format, [placeholder] * len(ctx_a) + name_ids + [placeholder] * len(ctx_b) + period)
+        starts = 0 if prompt_format.start_id is None else 1
+        context_rows = [None] * starts + [*ctx_a, *[None] * len(name_ids), *ctx_b, *[None] * (len(period) + 1)]
+        segments = list(zip(tokens, context_rows))
         if len(segments) > max_length:
             raise ValueError(
                 f"The prompt for class {name!r} is {len(segments)} tokens long ({num_context} context tokens + the "
@@ -104,7 +109,7 @@ def build_prompt_layout(
         indices.append([0 if j is None else base + j for _, j in segments])
     length = pad_to or max(len(row) for row in rows)
     return PromptLayout(
-        input_ids=_pad(rows, tokenizer.eos_token_id, length),
+        input_ids=_pad(rows, prompt_format.pad_id, length),
         context_mask=_pad([[int(m) for m in row] for row in masks], 0, length).bool(),
         context_index=_pad(indices, 0, length),
     )
@@ -112,6 +117,7 @@ def build_prompt_layout(
 
 def build_template_ids(
     tokenizer: PreTrainedTokenizerBase,
+    prompt_format: PromptFormat,
     class_names: list[str],
     template: str,
     max_length: int,
@@ -121,21 +127,22 @@ def build_template_ids(
     rows = []
     for name in class_names:
         text = template.format(normalize_class_name(name))
-        ids = tokenizer(text)["input_ids"]
-        _check_name_ids(tokenizer, name, ids[1:-1], "zero_shot_template")
+        text_ids = _encode(tokenizer, text)
+        _check_name_ids(prompt_format, name, text_ids, "zero_shot_template")
+        ids = _framed(prompt_format, text_ids)
         if len(ids) > max_length:
             raise ValueError(
                 f"The zero-shot prompt {text!r} for class {name!r} is {len(ids)} tokens long, more than the text "
                 f"encoder's context of {max_length}; shorten the class name or zero_shot_template."
             )
         rows.append(ids)
-    return _pad(rows, tokenizer.eos_token_id, pad_to or max(len(row) for row in rows))
+    return _pad(rows, prompt_format.pad_id, pad_to or max(len(row) for row in rows))
 
 
-def context_init_ids(tokenizer: PreTrainedTokenizerBase, phrase: str) -> list[int]:
+def context_init_ids(tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat, phrase: str) -> list[int]:
     """Token ids of an init phrase: their embeddings become the initial context (CoOp's `ctx_init`)."""
     ids = _encode(tokenizer, normalize_class_name(phrase))
-    _check_name_ids(tokenizer, phrase, ids, "text_init")
+    _check_name_ids(prompt_format, phrase, ids, "text_init")
     return ids
 
 
@@ -153,23 +160,26 @@ class TaskClasses:
         return len(self.names)
 
 
-def num_context_tokens(config: DPTConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+def num_context_tokens(config: DPTConfig, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat) -> int:
     """Context length: the init phrase's token count when there is one, else `num_text_tokens`."""
     if config.text_init is not None:
-        return len(context_init_ids(tokenizer, config.text_init))
+        return len(context_init_ids(tokenizer, prompt_format, config.text_init))
     return config.num_text_tokens
 
 
-def build_label_space(config: DPTConfig, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, TaskClasses]:
+def build_label_space(
+    config: DPTConfig, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat, max_length: int
+) -> dict[str, TaskClasses]:
     """Every task's tokenized classes, numbered consecutively in the adapter's union label space."""
-    pad_to = max_length if config.pad_text_to_context else None
-    num_context = num_context_tokens(config, tokenizer)
+    pad_to = max_length if config.pad_text_to_context or prompt_format.pad_to_context else None
+    num_context = num_context_tokens(config, tokenizer, prompt_format)
     classes, offset = {}, 0
     for task, names in config.tasks.items():
         layout = None
         if config.learn_text_context:
             layout = build_prompt_layout(
                 tokenizer,
+                prompt_format,
                 names,
                 num_context,
                 config.class_token_position,
@@ -178,7 +188,9 @@ def build_label_space(config: DPTConfig, tokenizer: PreTrainedTokenizerBase, max
                 class_specific=config.class_specific_context,
                 pad_to=pad_to,
             )
-        template_ids = build_template_ids(tokenizer, names, config.zero_shot_template, max_length, pad_to=pad_to)
+        template_ids = build_template_ids(
+            tokenizer, prompt_format, names, config.zero_shot_template, max_length, pad_to=pad_to
+        )
         classes[task] = TaskClasses(tuple(names), offset, layout, template_ids)
         offset += len(names)
     return classes

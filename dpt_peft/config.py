@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
+from .adapter_files import (
+    check_class_count,
+    check_config_matches_weights,
+    local_weights,
+    read_config_json,
+    saved_shapes,
+)
+from .backbones import Backbone
+from .class_names import DEFAULT_TASK, ClassNames, validate_class_names
 from .peft_types import DPT_PEFT_TYPE, DPT_TASK_TYPE
 
-ClassNames = list[str] | dict[str, list[str]]
-DEFAULT_TASK = "default"
 # Recorded from the base model when an adapter is created (checked on load); never set by users.
 BASE_SHAPE_FIELDS = ("vision_hidden_size", "vision_num_layers", "text_hidden_size", "projection_dim")
-RECORDED_FIELDS = (*BASE_SHAPE_FIELDS, "initialized_from")
+RECORDED_FIELDS = (*BASE_SHAPE_FIELDS, "base_model_family", "initialized_from")
 INTEGER_FIELDS = (
     "num_text_tokens",
     "num_visual_tokens",
@@ -27,6 +35,13 @@ INTEGER_FIELDS = (
     "class_aware_attention_dim",
 )
 FLOAT_FIELDS = ("class_aware_loss_weight", "prompt_init_std")
+BOOLEAN_FIELDS = (
+    "learn_text_context",
+    "class_specific_context",
+    "class_aware",
+    "pad_text_to_context",
+    "cache_class_features",
+)
 METHOD_PRESETS: dict[str, dict[str, object]] = {
     # The four rows of the paper's ablation table, as configurations of one class.
     "coop": {"learn_text_context": True, "num_visual_tokens": 0, "class_aware": False},
@@ -34,11 +49,6 @@ METHOD_PRESETS: dict[str, dict[str, object]] = {
     "vpt_coop": {"learn_text_context": True, "num_visual_tokens": 10, "class_aware": False},
     "dpt": {"learn_text_context": True, "num_visual_tokens": 10, "class_aware": True},
 }
-
-
-def normalize_class_name(name: str) -> str:
-    """The text a class name contributes to its prompt (CoOp turns ``_`` into spaces)."""
-    return re.sub(r"\s+", " ", name.replace("_", " ")).strip()
 
 
 @dataclass
@@ -119,6 +129,9 @@ class DPTConfig(PeftConfig):
         vision_hidden_size, vision_num_layers, text_hidden_size, projection_dim (`int`, *optional*):
             Recorded from the base model when the adapter is created; loading into a CLIP with other values fails
             with an error instead of a partial load. Leave them unset.
+        base_model_family (`str`, *optional*):
+            Recorded with the shape: the base model's family (`"clip"`, `"siglip"`); loading into a model of another
+            family fails with an error naming this field. Leave it unset.
     """
 
     class_names: ClassNames | None = field(
@@ -177,6 +190,7 @@ class DPTConfig(PeftConfig):
     vision_num_layers: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
     text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
     projection_dim: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
+    base_model_family: str | None = field(default=None, metadata={"help": "Recorded from the base model."})
 
     # PEFT's injection reads `target_modules`; DPT derives its targets from the prompt settings instead.
     target_modules = None
@@ -187,6 +201,36 @@ class DPTConfig(PeftConfig):
         if self.task_type is None:
             self.task_type = DPT_TASK_TYPE
         self._validate()
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        """PEFT's reader, refusing an oversized file before reading it (`adapter_files.read_config_json`)."""
+        json_object = read_config_json(path_json_file)
+        json_object.pop("runtime_config", None)  # PEFT ignores it too
+        return json_object
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> DPTConfig:
+        """PEFT's loader, with a saved adapter checked before anything is built from it: types and ranges (as for
+        any config), every size against the weights' header when the weights are on this machine (PEFT checks a Hub
+        adapter's when it loads them), and `init_from` dropped: it was applied when the adapter was made and is
+        recorded as `initialized_from`, so a downloaded config never makes the loader read other paths or repos."""
+        weights = local_weights(pretrained_model_name_or_path, subfolder)
+        shapes = None if weights is None else saved_shapes(weights)
+        if shapes is not None:
+            check_class_count(read_config_json(weights.parent / CONFIG_NAME), shapes, str(weights.parent))
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if shapes is not None:
+            check_config_matches_weights(config, shapes, str(weights.parent))
+        if config.init_from:
+            warnings.warn(
+                f"Ignoring init_from={config.init_from} in {pretrained_model_name_or_path}: sources initialize an "
+                "adapter when it is created, not when it is loaded.",
+                UserWarning,
+                stacklevel=2,
+            )
+            config.init_from = None
+        return config
 
     @classmethod
     def for_method(cls, method: str, **kwargs) -> DPTConfig:
@@ -235,8 +279,30 @@ class DPTConfig(PeftConfig):
             return range(0)
         return range(self.resolved_class_aware_layer(num_layers), num_layers)
 
-    def validate_for_model(self, num_layers: int, text_context_length: int) -> None:
-        """Checks that need the base model's shape; raised before anything is injected."""
+    def validate_for_model(self, backbone: Backbone) -> None:
+        """Checks that need the base model (its shape, its text tower); raised before anything is injected."""
+        if self.base_model_family not in (None, backbone.family):
+            raise ValueError(
+                f"This adapter was made for a {self.base_model_family} base model (base_model_family in "
+                f"adapter_config.json) and cannot load into a {backbone.family} one: prompts are learned for one "
+                f"model's embeddings. Load it into the {self.base_model_family} model it was trained on "
+                f"({self.base_model_name_or_path or 'see adapter_config.json'}), or train a new adapter for this model."
+            )
+        actual = backbone.shape
+        mismatched = {k: (getattr(self, k), v) for k, v in actual.items() if getattr(self, k) not in (None, v)}
+        if mismatched:
+            details = ", ".join(f"{k}: adapter {a}, model {m}" for k, (a, m) in mismatched.items())
+            raise ValueError(
+                f"This adapter was made for a CLIP of another shape ({details}); load it into the base model it "
+                f"was trained on ({self.base_model_name_or_path or 'see adapter_config.json'}). A DPTConfig "
+                "records the shape of the first CLIP it is applied to: for another CLIP, create a new DPTConfig."
+            )
+        if self.text_encoding == "shared_prefix" and not backbone.causal_text:
+            raise ValueError(
+                f"text_encoding='shared_prefix' needs a causal text tower, and the {backbone.family} one attends in "
+                "both directions (every position sees the class tokens, so nothing is shared); use 'auto' or 'full'."
+            )
+        num_layers, text_context_length = actual["vision_num_layers"], backbone.text_context_length
         if self.visual_depth is not None and self.visual_depth > num_layers:
             raise ValueError(
                 f"visual_depth={self.visual_depth} exceeds the {num_layers} vision layers of the base model; "
@@ -254,7 +320,7 @@ class DPTConfig(PeftConfig):
             )
 
     def _validate(self) -> None:
-        _validate_class_names(self.class_names)
+        validate_class_names(self.class_names)
         self._validate_numbers()
         if self.learn_text_context and self.text_init is None and self.num_text_tokens < 1:
             raise ValueError(
@@ -308,28 +374,6 @@ class DPTConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} must be a finite number.")
-
-
-def _validate_class_names(class_names: ClassNames | None) -> None:
-    if class_names is None:
-        raise ValueError("class_names is required: pass the list of class names, e.g. ['cat', 'dog'].")
-    tasks = class_names if isinstance(class_names, dict) else {DEFAULT_TASK: class_names}
-    if not tasks:
-        raise ValueError("class_names is an empty dict; give at least one task with its class names.")
-    for task, names in tasks.items():
-        where = "class_names" if not isinstance(class_names, dict) else f"class_names[{task!r}]"
-        if isinstance(names, str) or not isinstance(names, (list, tuple)):
-            raise ValueError(f"{where} must be a list of strings, got {type(names).__name__}.")
-        if not names:
-            raise ValueError(f"{where} is empty; give at least one class name.")
-        seen: dict[str, str] = {}
-        for index, name in enumerate(names):
-            if not isinstance(name, str) or not normalize_class_name(name):
-                raise ValueError(f"{where}[{index}]={name!r} is empty; every class needs a non-empty name.")
-            key = normalize_class_name(name).lower()
-            if key in seen:
-                raise ValueError(
-                    f"{where} has duplicate class names {seen[key]!r} and {name!r} (they give the same prompt); "
-                    "make every class name unique."
-                )
-            seen[key] = name
+        for name in BOOLEAN_FIELDS:  # a JSON "false" or "no" would otherwise act as True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false (a boolean, not a string).")

@@ -24,6 +24,11 @@ from torch import nn
 
 from .class_prompts import PromptLayout
 
+MERGE_REFUSAL = (
+    "DPT's prompts are extra tokens, not a change of the base model's weights, so they cannot be merged into them; "
+    "use unload() for the untouched base model, or `with model.disable_adapter():` for a forward without prompts."
+)
+
 
 class ParameterKind(str, enum.Enum):
     """What a prompt parameter is, decided by the layer attribute it lives in (see `DPTLayer.parameter_kinds`)."""
@@ -130,6 +135,12 @@ class DPTLayer(BaseTunerLayer):
         `low_cpu_mem_usage=True` (meta tensors are skipped until then)."""
         parameter = next(base_layer.parameters(), None)
         return (None if parameter is None else parameter.device), None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(MERGE_REFUSAL)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(MERGE_REFUSAL)
 
     def move_to_base_layer_device(self, adapter_name: str) -> None:
         """PEFT's own placement of an adapter's tensors next to the wrapped module (see above)."""

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .class_prompts import PromptLayout, TaskClasses, build_label_space, context_init_ids
+from .backbones import Backbone, backbone_for
+from .class_prompts import PromptLayout, TaskClasses
+from .classification import ClassificationMixin
 from .config import DPTConfig
 from .feature_cache import ClassFeatureCache
-from .inputs import check_pixel_values, checked_labels
+from .label_space import LabelSpaces
 from .layer import (
+    MERGE_REFUSAL,
     ClassAwarePromptGenerator,
     DPTLayer,
     ForwardContext,
@@ -27,26 +29,17 @@ from .layer import (
     TextContextEmbeddings,
     VisionPromptLayer,
 )
-from .losses import class_aware_cross_entropy, guidance_loss
-from .outputs import DPTOutput
 from .shared_prefix import encode_with_shared_prefix, shared_prefix_length, usable_prefix_length
-from .toy.pretrain import resolve_model_path
+from .sources import recorded_name, resolve
 from .transfer import copy_shared_tensors, shared_source_tensors
 
-TEXT_EMBEDDINGS_KEY = "text_model.embeddings"
-VISION_LAYER_KEY = "vision_model.encoder.layers.{}"
 
-
-def _normalize(features: torch.Tensor) -> torch.Tensor:
-    return features / features.norm(dim=-1, keepdim=True)
-
-
-class DPTModel(BaseTuner):
+class DPTModel(ClassificationMixin, BaseTuner):
     """Dual-modality Prompt Tuning of a frozen CLIP (https://arxiv.org/abs/2208.08340).
 
-    Wraps `text_model.embeddings` (learned context) and the vision encoder layers that carry prompts
-    (deep and class-aware). Use it through `get_peft_model(clip, DPTConfig(...))`, whose forward
-    (`DPTPeftModel.forward`) calls [`DPTModel.classify`].
+    Wraps the text embeddings (learned context) and the vision encoder layers that carry prompts (deep and
+    class-aware), wherever the model's `Backbone` says they are. Use it through
+    `get_peft_model(clip, DPTConfig(...))`, whose forward (`DPTPeftModel.forward`) calls [`DPTModel.classify`].
 
     Example:
 
@@ -68,29 +61,23 @@ class DPTModel(BaseTuner):
 
     # ------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: DPTConfig, adapter_name: str) -> None:
-        if not isinstance(model, CLIPModel):
-            raise TypeError(
-                f"DPT adapts a transformers.CLIPModel, got {type(model).__name__}; load the base model with "
-                "CLIPModel.from_pretrained(...)."
-            )
+        self.backbone: Backbone = backbone_for(model)
         self._slot = ForwardContextSlot()
-        self._classes: dict[str, dict[str, TaskClasses]] = {}
-        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
-        self._other_label_spaces: dict[str, TaskClasses] = {}
+        self.label_spaces = LabelSpaces()
         self.feature_cache = ClassFeatureCache()
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Validate everything against the base model first, so a bad config leaves the CLIP untouched."""
         config: DPTConfig = self.peft_config[adapter_name]
-        base_shape = self._check_base_shape(config, model)
-        config.validate_for_model(base_shape["vision_num_layers"], self.text_context_length)
+        config.validate_for_model(self.backbone)
         tokenizer = self._load_tokenizer(config)
-        classes = build_label_space(config, tokenizer, self.text_context_length)
+        prompt_format = self.backbone.prompt_format(tokenizer)
+        classes = LabelSpaces.tokenize(config, tokenizer, prompt_format, self.text_context_length)
         sources = shared_source_tensors(config.init_from) if config.init_from else None
-        for key, value in base_shape.items():  # recorded once every check has passed
+        for key, value in {**self.backbone.shape, "base_model_family": self.backbone.family}.items():  # checks passed
             setattr(config, key, value)
-        self._classes[adapter_name] = classes
-        self._tokenizers[adapter_name] = tokenizer
+        config.base_model_name_or_path = recorded_name(config.base_model_name_or_path)
+        self.label_spaces.add(adapter_name, tokenizer, prompt_format, classes)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
@@ -113,29 +100,10 @@ class DPTModel(BaseTuner):
             BaseTuner.delete_adapter(self, adapter_name)
         self._forget(adapter_name)
 
-    @staticmethod
-    def _check_base_shape(config: DPTConfig, model: CLIPModel) -> dict[str, int]:
-        """The base model's widths and depth; an error if the config was recorded for other ones."""
-        actual = {
-            "vision_hidden_size": model.config.vision_config.hidden_size,
-            "vision_num_layers": model.config.vision_config.num_hidden_layers,
-            "text_hidden_size": model.config.text_config.hidden_size,
-            "projection_dim": model.config.projection_dim,
-        }
-        mismatched = {k: (getattr(config, k), v) for k, v in actual.items() if getattr(config, k) not in (None, v)}
-        if mismatched:
-            details = ", ".join(f"{k}: adapter {a}, model {m}" for k, (a, m) in mismatched.items())
-            raise ValueError(
-                f"This adapter was made for a CLIP of another shape ({details}); load it into the base model it "
-                f"was trained on ({config.base_model_name_or_path or 'see adapter_config.json'}). A DPTConfig "
-                "records the shape of the first CLIP it is applied to: for another CLIP, create a new DPTConfig."
-            )
-        return actual
-
     @property
     def text_context_length(self) -> int:
         """Positions of the text encoder: the longest prompt it can encode."""
-        return self.model.config.text_config.max_position_embeddings
+        return self.backbone.text_context_length
 
     def _load_tokenizer(self, config: DPTConfig) -> PreTrainedTokenizerBase:
         # The CLIP passed in comes first: the path recorded at training time may not exist on this machine.
@@ -145,11 +113,11 @@ class DPTModel(BaseTuner):
                 "No CLIP tokenizer found: the base model has no name_or_path (built from a config?). Set "
                 "tokenizer_name_or_path in DPTConfig to a directory or Hub id with the CLIP tokenizer."
             )
-        for tokenizer in self._tokenizers.values():
-            if tokenizer.name_or_path == source:
-                return tokenizer
+        loaded = self.label_spaces.tokenizer_from(source)
+        if loaded is not None:
+            return loaded
         try:
-            return AutoTokenizer.from_pretrained(resolve_model_path(source))
+            return AutoTokenizer.from_pretrained(resolve(source))
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"Could not load a CLIP tokenizer from {source!r} ({err}). Set tokenizer_name_or_path in DPTConfig "
@@ -163,12 +131,14 @@ class DPTModel(BaseTuner):
         return key in self._target_keys(config)
 
     def _target_keys(self, config: DPTConfig) -> set[str]:
-        num_layers = self.model.config.vision_config.num_hidden_layers
+        text = {self.backbone.text_embeddings_key} if config.learn_text_context else set()
+        return set(self._vision_targets(config)) | text
+
+    def _vision_targets(self, config: DPTConfig) -> dict[str, int]:
+        """Module path -> index of every vision layer that carries prompts of `config`."""
+        num_layers = self.backbone.num_vision_layers
         layers = set(config.visual_prompt_layers(num_layers)) | set(config.class_aware_layers(num_layers))
-        keys = {VISION_LAYER_KEY.format(i) for i in layers}
-        if config.learn_text_context:
-            keys.add(TEXT_EMBEDDINGS_KEY)
-        return keys
+        return {self.backbone.vision_layer_key(i): i for i in sorted(layers)}
 
     def _create_and_replace(
         self,
@@ -180,10 +150,10 @@ class DPTModel(BaseTuner):
         current_key: str,
         **kwargs,
     ) -> None:
-        if current_key == TEXT_EMBEDDINGS_KEY:
+        if current_key == self.backbone.text_embeddings_key:
             module = self._wire_text_context(config, adapter_name, target)
         else:
-            module = self._wire_vision_layer(config, adapter_name, target, int(current_key.rsplit(".", 1)[1]))
+            module = self._wire_vision_layer(config, adapter_name, target, self._vision_targets(config)[current_key])
         if module is not target:
             setattr(parent, target_name, module)
         module.move_to_base_layer_device(adapter_name)  # skips meta tensors (low_cpu_mem_usage)
@@ -192,10 +162,9 @@ class DPTModel(BaseTuner):
         """The learned context (docs/method.md, section 1): the phrase's embeddings, or random normal."""
         module = target if isinstance(target, TextContextEmbeddings) else TextContextEmbeddings(target, self._slot)
         token_embedding = module.token_embedding
-        classes = self._classes[adapter_name].values()
-        num_rows = sum(t.num_classes for t in classes) if config.class_specific_context else 1
+        num_rows = self.label_spaces.num_classes(adapter_name) if config.class_specific_context else 1
         if config.text_init is not None:
-            ids = torch.tensor(context_init_ids(self._tokenizers[adapter_name], config.text_init))
+            ids = torch.tensor(self.label_spaces.context_init_ids(adapter_name, config.text_init))
             with torch.no_grad():
                 context = token_embedding(ids.to(token_embedding.weight.device)).float()
             context = context.unsqueeze(0).expand(num_rows, -1, -1)
@@ -235,9 +204,7 @@ class DPTModel(BaseTuner):
 
     # ------------------------------------------------------------------ adapters and their parameters
     def _forget(self, adapter_name: str) -> None:
-        self._classes.pop(adapter_name, None)
-        self._other_label_spaces.pop(adapter_name, None)
-        self._tokenizers.pop(adapter_name, None)
+        self.label_spaces.forget(adapter_name)
         self.feature_cache.clear(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -255,8 +222,8 @@ class DPTModel(BaseTuner):
         self.check_adapter_names(adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
-    def unload(self) -> CLIPModel:
-        """Put the original CLIP modules back and return the untouched `CLIPModel`."""
+    def unload(self) -> nn.Module:
+        """Put the original modules back and return the untouched base model (e.g. the `CLIPModel`)."""
         for name, module in list(self.model.named_modules()):
             if isinstance(module, DPTLayer):
                 parent_name, _, child = name.rpartition(".")
@@ -264,8 +231,19 @@ class DPTModel(BaseTuner):
         self.feature_cache.clear()
         return self.model
 
-    def merge_and_unload(self, *args, **kwargs) -> CLIPModel:
-        raise NotImplementedError("Prompts cannot be merged into CLIP's weights; use unload() for the base model.")
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        raise NotImplementedError(MERGE_REFUSAL)
+
+    merge_adapter = unmerge_adapter = merge_and_unload
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Prompts are made in float32 and cast where they are used (PEFT's autocast). With
+        `autocast_adapter_dtype=False` an adapter is kept in the base model's dtype, as PEFT does for its own."""
+        if autocast_adapter_dtype:
+            return
+        dtype = self.backbone.text_parameter.dtype
+        for _, parameter in self.adapter_parameters(adapter_name).values():
+            parameter.data = parameter.data.to(dtype)
 
     @property
     def _active(self) -> str:
@@ -314,30 +292,38 @@ class DPTModel(BaseTuner):
     def text_context(self, adapter_name: str | None = None) -> nn.Parameter | None:
         """The learned context of an adapter (`[n_ctx, E]` or `[C, n_ctx, E]`), or None when it learns none."""
         adapter_name = adapter_name or self._active
-        embeddings = self.model.text_model.embeddings
+        embeddings = self.backbone.text_embeddings
         if isinstance(embeddings, TextContextEmbeddings) and adapter_name in embeddings.dpt_context:
             return embeddings.dpt_context[adapter_name]
         return None
 
     def token_embedding(self) -> nn.Embedding:
         """The text encoder's vocabulary embedding (wrapped or not, `token_embedding` is the same module)."""
-        return self.model.text_model.embeddings.token_embedding
+        return self.backbone.token_embedding
 
     def tokenizer(self, adapter_name: str | None = None) -> PreTrainedTokenizerBase:
         """The tokenizer an adapter's class prompts were built with."""
-        return self._tokenizers[adapter_name or self._active]
+        return self.label_spaces.tokenizer(adapter_name or self._active)
 
     # ------------------------------------------------------------------ label space
-    def set_class_names(self, class_names: list[str] | dict[str, list[str]], adapter_name: str | None = None) -> None:
+    def set_class_names(
+        self,
+        class_names: list[str] | dict[str, list[str]],
+        adapter_name: str | None = None,
+        zero_shot_template: str | None = None,
+    ) -> None:
         """Switch the label space (new classes, base-to-new evaluation) without touching the learned prompts.
 
-        The auxiliary class-aware classifier belongs to the training label space: it is rebuilt (freshly
-        initialized) when the number of classes changes. Class-specific contexts cannot change their class count.
+        `zero_shot_template` also switches the frozen template (another dataset's, as DPT evaluates cross-dataset
+        targets): it drives the zero-shot logits and the CAVPT top-K selection. The auxiliary class-aware classifier
+        belongs to the training label space: it is rebuilt (freshly initialized) when the number of classes
+        changes. Class-specific contexts cannot change their class count.
         """
         adapter_name = adapter_name or self._active
         config: DPTConfig = self.peft_config[adapter_name]
-        new_config = dataclasses.replace(config, class_names=class_names)
-        classes = build_label_space(new_config, self._tokenizers[adapter_name], self.text_context_length)
+        template = zero_shot_template or config.zero_shot_template
+        new_config = dataclasses.replace(config, class_names=class_names, zero_shot_template=template)
+        classes = self.label_spaces.tokenize_for(adapter_name, new_config, self.text_context_length)
         old_total = self.num_classes(adapter_name)
         new_total = sum(t.num_classes for t in classes.values())
         if config.class_specific_context and new_total != old_total:
@@ -346,7 +332,8 @@ class DPTModel(BaseTuner):
                 f"serve {new_total}. Keep the class count or use an adapter with a shared context."
             )
         config.class_names = class_names
-        self._classes[adapter_name] = classes
+        config.zero_shot_template = template
+        self.label_spaces.replace(adapter_name, classes)
         if new_total != old_total:
             for _, layer in self._layers():
                 if isinstance(layer, VisionPromptLayer) and adapter_name in layer.dpt_class_aware:
@@ -358,18 +345,11 @@ class DPTModel(BaseTuner):
 
     def num_classes(self, adapter_name: str | None = None) -> int:
         """Classes of the adapter's whole label space (all tasks)."""
-        return sum(t.num_classes for t in self._classes[adapter_name or self._active].values())
+        return self.label_spaces.num_classes(adapter_name or self._active)
 
     def task_classes(self, adapter_name: str, task: str | None = None) -> TaskClasses:
         """One task's tokenized label space (`task` may be None for a single-task adapter)."""
-        tasks = self._classes[adapter_name]
-        if task is None:
-            if len(tasks) > 1:
-                raise ValueError(f"This adapter has several tasks; pass task= one of {sorted(tasks)}.")
-            return next(iter(tasks.values()))
-        if task not in tasks:
-            raise ValueError(f"Unknown task {task!r}; the tasks of adapter {adapter_name!r} are {sorted(tasks)}.")
-        return tasks[task]
+        return self.label_spaces.task_classes(adapter_name, task)
 
     # ------------------------------------------------------------------ the per-forward seam
     @contextmanager
@@ -387,11 +367,7 @@ class DPTModel(BaseTuner):
         finally:
             self._slot.current = previous
 
-    # ------------------------------------------------------------------ class side
-    def _text_stamp(self) -> tuple:
-        weight = self.model.text_projection.weight
-        return (weight.device, weight.dtype, torch.is_autocast_enabled(weight.device.type))
-
+    # ------------------------------------------------------------------ text encoding
     def encode_text(
         self, input_ids: torch.Tensor, layout: PromptLayout | None = None, adapter_name: str | None = None
     ) -> torch.Tensor:
@@ -400,17 +376,17 @@ class DPTModel(BaseTuner):
         Class prompts that share leading tokens (SOT + a shared context) go through `encode_with_shared_prefix`,
         which computes those positions once instead of once per class; `text_encoding` picks or forces the path.
         """
-        device = self.model.text_projection.weight.device
+        device = self.backbone.text_parameter.device
         adapter_name = adapter_name or self._active
         prefix_length = self._shared_prefix_length(layout, adapter_name)  # on the CPU layout: no device sync
         input_ids = input_ids.to(device)
         layout = None if layout is None else layout.to(device)
         if prefix_length:
-            embeddings = self.model.text_model.embeddings.prompt_embeddings(input_ids, layout, adapter_name)
-            pooled = encode_with_shared_prefix(self.model.text_model, embeddings, input_ids, prefix_length)
-            return self.model.text_projection(pooled)
+            embeddings = self.backbone.text_embeddings.prompt_embeddings(input_ids, layout, adapter_name)
+            pooled = encode_with_shared_prefix(self.backbone, embeddings, input_ids, prefix_length)
+            return self.backbone.project_text(pooled)
         with self.forward_context(prompt_layout=layout):
-            return self.model.get_text_features(input_ids=input_ids).pooler_output
+            return self.backbone.text_features(input_ids)
 
     def _shared_prefix_length(self, layout: PromptLayout | None, adapter_name: str) -> int:
         """Length of the prefix to encode once, or 0 for the full path (no layout, or `text_encoding` says so)."""
@@ -419,166 +395,5 @@ class DPTModel(BaseTuner):
             return 0
         if mode == "shared_prefix":
             return shared_prefix_length(layout)
-        length = usable_prefix_length(self.model.text_model, layout)
+        length = usable_prefix_length(self.backbone, layout)
         return length if length >= 2 else 0  # auto: more than SOT to share
-
-    def zero_shot_text_features(
-        self, task: str | None = None, adapter_name: str | None = None, classes: TaskClasses | None = None
-    ) -> torch.Tensor:
-        """Frozen text features of `zero_shot_template` for each class `[C, P]` (cached per class set)."""
-        adapter_name = adapter_name or self._active
-        classes = classes or self.task_classes(adapter_name, task)
-
-        def compute() -> torch.Tensor:
-            with self.forward_context(bypass=True):
-                return self.encode_text(classes.template_ids, adapter_name=adapter_name)
-
-        enabled = self.peft_config[adapter_name].cache_class_features
-        with torch.no_grad():
-            return self.feature_cache.get(
-                (adapter_name, classes.names, "zero_shot"), self._text_stamp(), compute, enabled
-            )
-
-    def class_text_features(
-        self, task: str | None = None, adapter_name: str | None = None, classes: TaskClasses | None = None
-    ) -> torch.Tensor:
-        """Text features of the class prompts with the learned context `[C, P]` (un-normalized)."""
-        adapter_name = adapter_name or self._active
-        classes = classes or self.task_classes(adapter_name, task)
-        context = self.text_context(adapter_name)
-        if classes.prompt_layout is None or context is None:
-            return self.zero_shot_text_features(adapter_name=adapter_name, classes=classes)
-        stamp = (*self._text_stamp(), context._version, context.data_ptr())
-        return self.feature_cache.get(
-            (adapter_name, classes.names, "learned"),
-            stamp,
-            lambda: self.encode_text(classes.prompt_layout.input_ids, classes.prompt_layout, adapter_name),
-            self.peft_config[adapter_name].cache_class_features,
-        )
-
-    def label_space_for(self, class_names: list[str], adapter_name: str | None = None) -> TaskClasses:
-        """A tokenized label space of other classes for one call (`classify(class_names=...)`): the adapter's own
-        classes, config and auxiliary classifier stay as they are. The last one asked is kept per adapter."""
-        adapter_name = adapter_name or self._active
-        names = tuple(class_names)
-        kept = self._other_label_spaces.get(adapter_name)
-        if kept is not None and kept.names == names:
-            return kept
-        config: DPTConfig = self.peft_config[adapter_name]
-        if config.class_specific_context and list(names) != self.class_names(adapter_name=adapter_name):
-            raise ValueError(
-                "This adapter learned one text context per class (class_specific_context=True), so it can only "
-                f"classify over its own classes {self.class_names(adapter_name=adapter_name)}, not {list(names)}."
-            )
-        other = dataclasses.replace(config, class_names=list(names))
-        classes = next(
-            iter(build_label_space(other, self._tokenizers[adapter_name], self.text_context_length).values())
-        )
-        self._other_label_spaces[adapter_name] = classes
-        return classes
-
-    # ------------------------------------------------------------------ image side and classification
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
-
-    def zero_shot_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.forward_context(bypass=True):
-            return self.image_features(pixel_values)
-
-    def frozen_layer_inputs(
-        self, pixel_values: torch.Tensor, layers: list[int], consume: Callable[[int, torch.Tensor], None]
-    ) -> None:
-        """Hand `consume(layer, tokens [B, N, D])` the tokens entering each of `layers` in the frozen, prompt-free
-        CLIP (SPT's token pools), layer by layer, so no layer's tokens outlive their use."""
-        with (
-            torch.no_grad(),
-            self.forward_context(bypass=True, capture_layers=frozenset(layers), on_layer_input=consume),
-        ):
-            self.image_features(pixel_values)
-
-    def _scaled_cosine(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        return self.model.logit_scale.exp() * _normalize(images) @ _normalize(texts).t().to(images.dtype)
-
-    def classify(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        task: str | None = None,
-        guidance: bool = False,
-        output_zero_shot_logits: bool = False,
-        output_attentions: bool = False,
-        attention_classes: torch.Tensor | None = None,
-        class_names: list[str] | None = None,
-        zero_shot_image_features: torch.Tensor | None = None,
-    ) -> DPTOutput:
-        """Classify images over the active adapter's classes (docs/method.md, sections 1-4).
-
-        `guidance=True` uses the general-knowledge-guidance loss of the reference's first epochs. `labels` index
-        the task's class list. `attention_classes` (`[M]` class indices) reports in `class_aware_attentions` the
-        attention that prompts built from those classes would have, instead of the top-K prompts' attention.
-        `class_names` classifies over other classes for this call only (inference; `set_class_names` switches the
-        adapter's label space for good). `zero_shot_image_features` are the frozen CLIP's features of these images
-        when the caller has them already (an evaluation set seen before): exact, and one image pass cheaper.
-        """
-        adapter_name = self._active
-        config: DPTConfig = self.peft_config[adapter_name]
-        if class_names is not None and labels is not None:
-            raise ValueError(
-                "class_names classifies over other classes for one call, at inference; to train on other classes, "
-                "switch the label space with set_class_names first."
-            )
-        if class_names is not None:
-            classes = self.label_space_for(class_names, adapter_name)
-        else:
-            classes = self.task_classes(adapter_name, task)
-        check_pixel_values(pixel_values)
-        labels = checked_labels(labels, len(pixel_values), classes.num_classes) if labels is not None else None
-        text = self.class_text_features(adapter_name=adapter_name, classes=classes)
-        need_zero_shot = config.class_aware or guidance or output_zero_shot_logits
-        zero_shot_logits = zero_shot_image = zero_shot_text = top_k = None
-        if need_zero_shot:
-            zero_shot_text = self.zero_shot_text_features(adapter_name=adapter_name, classes=classes)
-            zero_shot_image = (
-                self.zero_shot_image_features(pixel_values)
-                if zero_shot_image_features is None
-                else zero_shot_image_features.to(pixel_values.device)
-            )
-            zero_shot_logits = self._scaled_cosine(zero_shot_image, zero_shot_text)
-        inputs: dict[str, Any] = {"record_attention": output_attentions}
-        if config.class_aware:
-            top_k = zero_shot_logits.topk(min(config.class_aware_top_k, classes.num_classes), dim=-1).indices
-            inputs["class_features"] = text[top_k]
-            if attention_classes is not None:
-                probes = text[torch.as_tensor(attention_classes, device=text.device)]
-                inputs["probe_class_features"] = probes.unsqueeze(0).expand(len(pixel_values), -1, -1)
-        with self.forward_context(**inputs) as context:
-            image = self.image_features(pixel_values)
-        span = slice(classes.offset, classes.offset + classes.num_classes)
-        # The auxiliary classifier belongs to the training label space: no auxiliary logits over other classes.
-        own_classes = class_names is None
-        class_aware_logits = tuple(logits[..., span] for logits in context.class_aware_logits) if own_classes else ()
-        attentions = context.probe_attentions if attention_classes is not None else context.class_aware_attentions
-        logits = self._scaled_cosine(image, text)
-
-        loss = class_aware_loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if guidance:
-                frozen_image_logits = self._scaled_cosine(zero_shot_image, text)
-                loss = guidance_loss(logits, frozen_image_logits, self._scaled_cosine(image, zero_shot_text), labels)
-            else:
-                loss = F.cross_entropy(logits, labels)
-            if class_aware_logits:
-                class_aware_loss = class_aware_cross_entropy(class_aware_logits, top_k, labels)
-                loss = loss + config.class_aware_loss_weight * class_aware_loss
-        return DPTOutput(
-            loss=loss,
-            logits=logits,
-            zero_shot_logits=zero_shot_logits,
-            class_aware_logits=class_aware_logits or None,
-            class_aware_indices=top_k,
-            class_aware_loss=class_aware_loss,
-            class_aware_attentions=tuple(attentions[i] for i in sorted(attentions)) or None,
-            image_embeds=image,
-            text_embeds=text,
-        )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .config import DPTConfig
-from .toy.pretrain import TOY_CLIP_ID
+from .sources import is_shipped
 
 PAPER = "https://arxiv.org/abs/2208.08340"
 CITATION = """@article{xing2023dpt,
@@ -41,8 +41,8 @@ def _base_model(config: DPTConfig, info: ModelCardInfo) -> tuple[str | None, str
     recorded = config.base_model_name_or_path or ""
     if info.base_model_id:
         return info.base_model_id, f"`{info.base_model_id}`"
-    if recorded == TOY_CLIP_ID:
-        return None, f"the toy CLIP shipped with dpt_peft (`{TOY_CLIP_ID}`)"
+    if is_shipped(recorded):
+        return None, f"a model shipped with dpt_peft (`{recorded}`)"
     if not recorded or os.path.isabs(recorded) or os.path.exists(recorded):
         return None, "a local CLIP (its Hub id was not given: pass `--base_model_id` when training)"
     return recorded, f"`{recorded}`"
@@ -74,7 +74,7 @@ def build_model_card(configs: dict[str, DPTConfig], info: ModelCardInfo) -> Mode
         base_model=base_id,
         license=info.license,
         pipeline_tag="image-classification",
-        tags=["dpt", "prompt-tuning", "clip", "peft", "image-classification"],
+        tags=["dpt", "prompt-tuning", first.base_model_family or "clip", "peft", "image-classification"],
         datasets=[info.dataset] if info.dataset and "/" in info.dataset else None,
         model_name=f"DPT adapter of {base_id or 'CLIP'}",
         eval_results=_eval_results(info),

@@ -8,12 +8,14 @@ DPT classifies images over its class names, so this subclass routes `forward` to
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from peft import PeftModel, get_peft_model_state_dict
 
 from .layer import DPTLayer
@@ -21,11 +23,24 @@ from .model_card import ModelCardInfo, build_model_card
 from .outputs import DPTOutput
 
 # Passed by generic training loops (transformers' Trainer among them); they do not change a DPT forward.
-IGNORED_FORWARD_ARGUMENTS = {"return_dict", "num_items_in_batch", "return_loss"}
+IGNORED_FORWARD_ARGUMENTS = {"return_dict", "return_loss"}
+NON_PREDICTION_OUTPUTS = [name for name in DPTOutput.__dataclass_fields__ if name not in ("loss", "logits")]
+# transformers' push_to_hub arguments that have nothing to do for an adapter of a few MB saved as safetensors.
+IGNORED_PUSH_ARGUMENTS = {"max_shard_size", "use_temp_dir", "use_auth_token"}
 
 
 class DPTPeftModel(PeftModel):
     """A CLIP adapted by DPT prompts; see [`DPTModel.classify`] for what `forward` computes."""
+
+    def __init__(self, model: torch.nn.Module, peft_config, adapter_name: str = "default", **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # PEFT asks transformers for a name it deprecated; nothing for a user to do
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            super().__init__(model, peft_config, adapter_name, **kwargs)
+        # transformers' Trainer gathers every output but those its model config names; the class features have no
+        # batch dimension, so evaluation would fail to concatenate them. Predictions are the logits.
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "keys_to_ignore_at_inference", None) is None:
+            config.keys_to_ignore_at_inference = NON_PREDICTION_OUTPUTS
 
     def forward(
         self,
@@ -38,10 +53,12 @@ class DPTPeftModel(PeftModel):
         attention_classes: torch.Tensor | None = None,
         class_names: list[str] | None = None,
         zero_shot_image_features: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DPTOutput:
         """Logits over the adapter's classes (or `class_names`, for this call only) for `pixel_values`, and the loss
-        when `labels` are given.
+        when `labels` are given: their mean loss, or, with `num_items_in_batch` (transformers' Trainer under gradient
+        accumulation), their summed loss divided by it.
 
         Under `with model.disable_adapter():` this is the base `CLIPModel.forward`, called with the same
         arguments (e.g. `input_ids` and `pixel_values`), so the base model's behaviour is unchanged.
@@ -64,7 +81,7 @@ class DPTPeftModel(PeftModel):
             )
         if pixel_values is None:
             raise ValueError("pixel_values is required: model(pixel_values=..., labels=...).")
-        return self.base_model.classify(
+        output = self.base_model.classify(
             pixel_values,
             labels=labels,
             task=task,
@@ -75,6 +92,11 @@ class DPTPeftModel(PeftModel):
             class_names=class_names,
             zero_shot_image_features=zero_shot_image_features,
         )
+        if output.loss is not None and num_items_in_batch is not None:
+            # transformers' Trainer contract for models taking **kwargs: the loss is a sum over the images of the
+            # accumulated batches divided by their count, so Trainer does not divide it by the accumulation steps.
+            output.loss = output.loss * len(pixel_values) / num_items_in_batch
+        return output
 
     @property
     def is_unloaded(self) -> bool:
@@ -90,10 +112,16 @@ class DPTPeftModel(PeftModel):
             )
 
     def save_pretrained(
-        self, save_directory: str, safe_serialization: bool = True, selected_adapters: list[str] | None = None, **kwargs
+        self,
+        save_directory: str,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        model_card_info: ModelCardInfo | None = None,
+        **kwargs,
     ) -> None:
         """`PeftModel.save_pretrained`, refused for an unloaded model and for NaN or infinite prompt tensors (a
-        diverged training run), so a saved adapter always holds usable prompts."""
+        diverged training run), so a saved adapter always holds usable prompts. `model_card_info` (training data,
+        metrics, the base model's Hub id) goes into the model card written beside the adapter."""
         self._check_not_unloaded("save the adapter")
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
@@ -110,9 +138,13 @@ class DPTPeftModel(PeftModel):
                         "lower learning rates, or save an earlier checkpoint's adapter."
                     )
         kwargs.setdefault("save_embedding_layers", False)  # "auto" would look the base model up on the Hub
-        super().save_pretrained(
-            save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters, **kwargs
-        )
+        self._model_card_info = model_card_info  # read by create_or_update_model_card, which PEFT calls per adapter
+        try:
+            super().save_pretrained(
+                save_directory, safe_serialization=safe_serialization, selected_adapters=selected_adapters, **kwargs
+            )
+        finally:
+            self._model_card_info = None
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         self.base_model.check_adapter_names(adapter_name)
@@ -136,14 +168,27 @@ class DPTPeftModel(PeftModel):
                 f"Could not load the DPT adapter from {str(model_id)!r}: {err}. The file may be truncated or "
                 "corrupt, or made for another base model; save or download it again."
             ) from err
-        missing = [k for k in result.missing_keys if ".dpt_" in k]
-        unexpected = [k for k in result.unexpected_keys if ".dpt_" in k]
+
+        # Only this adapter's keys, matched as a whole key component: PEFT's own filter matches substrings, so the
+        # other adapters' keys would be reported for a name like "c" (in "encoder") or "text".
+        def ours(key: str) -> bool:
+            return re.search(rf"\.dpt_\w+\.{re.escape(adapter_name)}(\.|$)", key) is not None
+
+        missing = [k for k in result.missing_keys if ours(k)]
+        unexpected = [k for k in result.unexpected_keys if ours(k)]
         if missing or unexpected:
             self._roll_back(adapter_name, existed)
             raise ValueError(
                 f"The adapter file in {str(model_id)!r} does not match its config: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}. Save the adapter again with save_pretrained."
             )
+        for key, (_, parameter) in self.base_model.adapter_parameters(adapter_name).items():
+            if not bool(torch.isfinite(parameter).all()):  # a diverged run's prompts would predict NaN scores
+                self._roll_back(adapter_name, existed)
+                raise ValueError(
+                    f"The adapter in {str(model_id)!r} holds NaN or infinite values in {key}, so it cannot classify; "
+                    "it comes from a diverged training run or a damaged file: use an earlier checkpoint's adapter."
+                )
         return result
 
     def _roll_back(self, adapter_name: str, existed: bool) -> None:
@@ -164,16 +209,34 @@ class DPTPeftModel(PeftModel):
         token: str | bool | None = None,
         revision: str | None = None,
         create_pr: bool = False,
+        tags: list[str] | None = None,
+        safe_serialization: bool = True,
+        commit_description: str | None = None,
+        **kwargs: Any,
     ) -> Any:
-        """Upload the adapter files and its model card to `repo_id`.
+        """Upload the adapter files and its model card to `repo_id`; takes transformers' usual keyword arguments.
 
         transformers' `push_to_hub` replaces the card that `save_pretrained` writes with the one on the Hub (a
         blank template for a new repo); this keeps ours, which says the method, base model, classes and config.
+        `tags` are added to the card's; `safe_serialization=False` is refused (adapters are only saved as
+        safetensors); `max_shard_size`, `use_temp_dir` and `use_auth_token` are accepted and have nothing to do.
         """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: DPT adapters are only saved as safetensors; drop the argument.")
+        unexpected = sorted(set(kwargs) - IGNORED_PUSH_ARGUMENTS)
+        if unexpected:
+            raise TypeError(
+                f"push_to_hub got unexpected argument(s) {unexpected}; it takes commit_message, private, token, "
+                "revision, create_pr, tags, safe_serialization and commit_description."
+            )
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
+            if tags:
+                card = ModelCard.load(os.path.join(folder, "README.md"))
+                card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+                card.save(os.path.join(folder, "README.md"))
             operations = [
                 CommitOperationAdd(path_in_repo=str(path.relative_to(folder)), path_or_fileobj=str(path))
                 for path in sorted(Path(folder).rglob("*"))
@@ -183,12 +246,13 @@ class DPTPeftModel(PeftModel):
                 repo_id=repo_id,
                 operations=operations,
                 commit_message=commit_message or "Upload DPT adapter",
+                commit_description=commit_description,
                 revision=revision,
                 create_pr=create_pr,
             )
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Our card (`model_card.build_model_card`) instead of PEFT's template: the method, base model, classes,
-        training data, metrics and usage, with no placeholders. A training run sets `card_info` before saving."""
-        info = getattr(self, "card_info", None) or ModelCardInfo()
+        training data, metrics and usage, with no placeholders; `save_pretrained(model_card_info=...)` fills it."""
+        info = getattr(self, "_model_card_info", None) or ModelCardInfo()
         build_model_card(dict(self.peft_config), info).save(os.path.join(output_dir, "README.md"))

@@ -94,7 +94,8 @@ def collect_layer_tokens(
     max_tokens_per_layer: int = 20_000,
     seed: int = 0,
 ) -> dict[int, torch.Tensor | None]:
-    """Patch tokens (CLS removed) entering each of the vision `layers`, run through the frozen CLIP; with
+    """Patch tokens (CLS and other prefix tokens removed, as the backbone says) entering each of the vision `layers`,
+    run through the frozen model; with
     `num_windows`, each image's patch sequence is first averaged into that many windows."""
     tuner = model.base_model
     generator = torch.Generator().manual_seed(seed)
@@ -103,7 +104,7 @@ def collect_layer_tokens(
     images = 0
 
     def collect(index: int, tokens: torch.Tensor) -> None:
-        patches = tokens[:, 1:]
+        patches = tuner.backbone.patch_tokens(tokens)
         if num_windows is not None:
             patches = F.adaptive_avg_pool1d(patches.transpose(1, 2).float(), num_windows).transpose(1, 2)
         pools[index].add(patches.reshape(-1, patches.shape[-1]))

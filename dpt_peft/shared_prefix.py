@@ -10,17 +10,17 @@ context's gradient over classes through the single prefix pass.
 
 The attention is written out with `eager_attention_forward`'s semantics (scores scaled after the matmul,
 softmax in float32, then back to the query dtype) whatever attention implementation the config selects, from each
-layer's own modules and weights, so any CLIP text tower of this architecture works. Layer hooks
-(`output_hidden_states`, `output_attentions`) and gradient checkpointing do not apply to this path.
+layer's own modules and weights, as the backbone seam hands them over, so any causal pre-LayerNorm text tower works.
+A bidirectional tower (SigLIP's) shares nothing: every position sees the class tokens, so it takes the full path.
+Layer hooks (`output_hidden_states`, `output_attentions`) and gradient checkpointing do not apply to this path.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPTextModel
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from .backbones import Backbone
 from .class_prompts import PromptLayout
 
 
@@ -37,37 +37,28 @@ def shared_prefix_length(layout: PromptLayout) -> int:
     return int(same.long().cumprod(0).sum())
 
 
-def usable_prefix_length(text_model: CLIPTextModel, layout: PromptLayout) -> int:
-    """`shared_prefix_length(layout)` when `encode_with_shared_prefix` can encode these prompts, else 0: the
-    prefix must end before every prompt's pooled position, and attention dropout must be off."""
+def _attention_dropout_active(backbone: Backbone) -> bool:
+    return any(layer.self_attn.training and layer.self_attn.dropout > 0 for layer in backbone.text_layers)
+
+
+def usable_prefix_length(backbone: Backbone, layout: PromptLayout) -> int:
+    """`shared_prefix_length(layout)` when `encode_with_shared_prefix` can encode these prompts, else 0: the text
+    tower must be causal, the prefix must end before every prompt's pooled position, and attention dropout must be
+    off."""
+    if not backbone.causal_text:
+        return 0
     length = shared_prefix_length(layout)
-    first_pooled = int(_pooled_positions(text_model, layout.input_ids).min())
-    dropout = any(layer.self_attn.training and layer.self_attn.dropout > 0 for layer in text_model.encoder.layers)
-    return length if 1 <= length <= first_pooled and not dropout else 0
-
-
-def _position_embedding(text_model: CLIPTextModel) -> nn.Embedding:
-    """CLIP's position embedding, also when `embeddings` is wrapped (DPT's `TextContextEmbeddings`)."""
-    embeddings = text_model.embeddings
-    if hasattr(embeddings, "position_embedding"):
-        return embeddings.position_embedding
-    return embeddings.base_layer.position_embedding
-
-
-def _pooled_positions(text_model: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """The position `CLIPTextModel.forward` pools: the first EOT, or the largest id for legacy `eos_token_id == 2`."""
-    ids = input_ids.to(torch.int)
-    if text_model.eos_token_id == 2:
-        return ids.argmax(dim=-1)
-    return (ids == text_model.eos_token_id).int().argmax(dim=-1)
+    first_pooled = int(backbone.pooled_positions(layout.input_ids).min())
+    return length if 1 <= length <= first_pooled and not _attention_dropout_active(backbone) else 0
 
 
 def _encoder_layer(
-    layer: CLIPEncoderLayer,
+    layer: nn.Module,
     hidden_states: torch.Tensor,
     prefix_keys_values: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """`layer` on `hidden_states` `[B, L, E]`, whose queries first see the prefix's keys and values.
+    """`layer` (a pre-LayerNorm encoder layer: `layer_norm1`, `self_attn`, `layer_norm2`, `mlp`) on `hidden_states`
+    `[B, L, E]`, whose queries first see the prefix's keys and values.
 
     `prefix_keys_values` are `[H, P, d]` each, shared by all B sequences: `einsum` folds B into the rows of one
     matmul per head, so they are never copied per sequence. Their scores are concatenated (along the key axis)
@@ -100,39 +91,44 @@ def _encoder_layer(
 
 
 def encode_with_shared_prefix(
-    text_model: CLIPTextModel,
+    backbone: Backbone,
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
     prefix_length: int,
 ) -> torch.Tensor:
-    """CLIP's pooled text output `[C, E]` (before `text_projection`), computing the shared prefix once.
+    """The text tower's pooled, normalized output `[C, E]` (before the projection), computing the shared prefix once.
 
     `inputs_embeds` `[C, T, E]` are the token embeddings with the context swapped in, without position
     embeddings; their first `prefix_length` positions must be the same in every row (see
     `shared_prefix_length`): only row 0's are read. `input_ids` `[C, T]` only choose the pooled (EOT) position,
-    as CLIP does.
+    as the backbone does.
 
-    Raises a `ValueError`, for the caller to use the full text encoder instead, when `prefix_length` is below 1
+    Raises a `ValueError`, for the caller to use the full text encoder instead, when the text tower is not causal
+    (every position sees the class tokens, so no prefix is shared), when `prefix_length` is below 1
     or reaches a prompt's pooled position (all prompts the same, e.g. a single class), and when attention
     dropout is active (training with `attention_dropout > 0` would give each class its own prefix states).
     """
+    if not backbone.causal_text:
+        raise ValueError(
+            f"The {backbone.family} text tower attends in both directions, so the prefix's hidden states depend on the "
+            "class tokens and cannot be shared; use text_encoding='full' (or 'auto')."
+        )
     num_prompts, length, _ = inputs_embeds.shape
     if input_ids.shape != (num_prompts, length):
         raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match inputs_embeds {tuple(inputs_embeds.shape)}.")
-    position_embedding = _position_embedding(text_model)
+    position_embedding = backbone.position_embedding
     if length > position_embedding.num_embeddings:
         raise ValueError(
             f"Prompts of {length} tokens exceed the text encoder's {position_embedding.num_embeddings} positions."
         )
-    pooled_positions = _pooled_positions(text_model, input_ids).to(inputs_embeds.device)
+    pooled_positions = backbone.pooled_positions(input_ids).to(inputs_embeds.device)
     if prefix_length < 1 or bool((pooled_positions < prefix_length).any()):
         raise ValueError(
             f"A shared prefix of {prefix_length} tokens is unusable for prompts whose first pooled (EOT) position is "
             f"{int(pooled_positions.min())}: it needs at least 1 token and must end before every prompt's EOT. "
             "Encode these prompts with the full text encoder."
         )
-    layers = text_model.encoder.layers
-    if any(layer.self_attn.training and layer.self_attn.dropout > 0 for layer in layers):
+    if _attention_dropout_active(backbone):
         raise ValueError(
             "The text encoder is in training mode with attention_dropout > 0, so each class would see its own "
             "dropped-out prefix; encode with the full text encoder, or call eval() on the text model."
@@ -140,8 +136,8 @@ def encode_with_shared_prefix(
     positions = torch.arange(length, device=inputs_embeds.device)
     hidden_states = inputs_embeds + position_embedding(positions)
     prefix, own = hidden_states[:1, :prefix_length], hidden_states[:, prefix_length:]
-    for layer in layers:
+    for layer in backbone.text_layers:
         prefix, (keys, values) = _encoder_layer(layer, prefix, None)
         own, _ = _encoder_layer(layer, own, (keys[0], values[0]))
     pooled = own[torch.arange(num_prompts, device=own.device), pooled_positions - prefix_length]
-    return text_model.final_layer_norm(pooled)
+    return backbone.final_text_norm(pooled)

@@ -5,8 +5,6 @@
 Extra arguments go to every training run (e.g. `--epochs 10`).
 """
 
-import _no_shadow  # noqa: F401, I001  (must come first, see its docstring)
-
 from dpt_peft.cli import ablation_main
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 The same as `dpt-peft benchmark` (see --help): a resumable grid of runs, then results.md, results.csv and plots.
 """
 
-import _no_shadow  # noqa: F401, I001  (must come first, see its docstring)
-
 from dpt_peft.cli import benchmark_main
 
 if __name__ == "__main__":

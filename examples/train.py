@@ -3,8 +3,6 @@
 The same as `dpt-peft train`; run with --help for every option.
 """
 
-import _no_shadow  # noqa: F401, I001  (must come first, see its docstring)
-
 from dpt_peft.cli import train_main
 
 if __name__ == "__main__":

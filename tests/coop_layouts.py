@@ -162,3 +162,16 @@ def make_layout(root: Path, name: str, counts: dict[str, int] = COUNTS, classes:
         for i in range(counts["test"])
     ]
     return [class_name for _, class_name in ordered], expected
+
+
+def make_imagenet(root: Path, class_names: list[str], per_class: int = 1) -> list[str]:
+    """CoOp's ImageNet layout for a whole class list (wnids n00000000, n00000001, ... in list order, so the sorted
+    folder order is the list's): classnames.txt, images/train/<wnid>/ and images/val/<wnid>/. Returns the wnids."""
+    wnids = [f"n{index:08d}" for index in range(len(class_names))]
+    dataset_dir = root / "imagenet"
+    write_lines(dataset_dir / "classnames.txt", [f"{wnid} {name}" for wnid, name in zip(wnids, class_names)])
+    for folder in ("train", "val"):
+        for wnid in wnids:
+            for i in range(per_class):
+                write_image(dataset_dir / "images" / folder / wnid / f"{wnid}_{i}.JPEG")
+    return wnids

@@ -11,8 +11,7 @@ from helpers import CLASS_NAMES
 from peft import get_peft_model
 
 from dpt_peft import DPTConfig
-from dpt_peft.cli import evaluate_main, train_main
-from dpt_peft.training.arguments import parse_args
+from dpt_peft.cli import evaluate_main, parse_args, train_main
 from dpt_peft.training.recipe import build_optimizer, build_scheduler
 
 SHORT = ["--epochs", "2", "--report_to", "none", "--eval_batch_size", "64", "--batch_size", "4"]
@@ -22,8 +21,8 @@ def group_lrs(clip, method: str, epochs_to_read: list[int], argv: list[str] = ()
     """Each optimizer group's learning rate during the given epochs (2 steps per epoch)."""
     args, _ = parse_args(["--method", method, "--dataset", "some/hub-dataset", *argv])
     model = get_peft_model(clip, DPTConfig.for_method(method, class_names=CLASS_NAMES))
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch=2)
+    optimizer = build_optimizer(model, args.recipe)
+    scheduler = build_scheduler(optimizer, args.recipe, steps_per_epoch=2)
     lrs: dict[str, list[float]] = {group["name"]: [] for group in optimizer.param_groups}
     for step in range(2 * args.epochs):
         if step % 2 == 0 and step // 2 in epochs_to_read:
@@ -91,7 +90,7 @@ def test_train_and_evaluate_on_a_coop_layout_with_saved_and_reused_splits(tmp_pa
     data = ["--dataset", "oxford_pets", "--data_root", str(tmp_path / "data"), *toy]
     first = train_main([*data, *SHORT, "--shots", "2", "--output_dir", str(tmp_path / "first")])
     split = json.loads((tmp_path / "first" / "splits" / "oxford_pets.json").read_text())
-    assert split["provenance"] == {"dataset": "oxford_pets", "shots": 2, "seed": 0}
+    assert split["provenance"] == {"dataset": "oxford_pets", "shots": 2, "seed": 1}  # CoOp's first seed by default
     assert len(split["splits"]["train"]) == 2 * 5 and len(split["splits"]["val"]) == 2 * 5  # min(K, 4) from val
     assert first["num_train_images"] == 10 and first["num_test_images"] == 10
 

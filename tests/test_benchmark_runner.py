@@ -8,10 +8,10 @@ import json
 import pytest
 from coop_layouts import make_layout
 
-import dpt_peft.cli as cli
+import dpt_peft.experiments.grid as grid_module
 from dpt_peft.cli import benchmark_main
 from dpt_peft.experiments.benchmark import plan
-from dpt_peft.training.checkpoints import continue_flags
+from dpt_peft.training.run_layout import continue_options
 
 SMALL = ["--epochs", "1", "--batch_size", "4", "--eval_batch_size", "64", "--num_text_tokens", "1"]
 SHORT_TEMPLATE = ["--zero_shot_template", "{}."]  # the tiny CLIP's text encoder has 24 positions
@@ -42,9 +42,16 @@ def test_few_shot_grid_aggregates_and_resumes(tmp_path, clip_path, monkeypatch):
     out = tmp_path / "out" / "few_shot"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    accuracy = [r for r in rows if r["metric"] == "accuracy"]
+    accuracy = [r for r in rows if r["metric"] == "accuracy" and r["dataset"] != "average"]
     assert len(accuracy) == 2 * 2 and all(r["seeds"] == "2" for r in accuracy)  # (dataset, shots), over 2 seeds
-    assert "| oxford_pets | coop | 2 |" in (out / "results.md").read_text() and report.endswith("results.md")
+    assert [r["dataset"] for r in rows if r["metric"] == "accuracy"] == ["oxford_pets"] * 2 + ["dtd"] * 2 + [
+        "average"
+    ] * 2
+    assert all(r["skipped_images"] == "0" and r["missing_images"] == "0" for r in rows)
+    markdown = (out / "results.md").read_text()
+    assert "| oxford_pets | coop | 2 |" in markdown and report.endswith("results.md")
+    assert "| **average of 2 datasets** | coop | 2 |" in markdown and "| skipped | missing |" in markdown
+    assert "CoOp (ResNet-50, not ViT-B/16)" in markdown  # the published row beside ours
     assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
     split = json.loads((out / "dtd" / "coop" / "shots2_seed1" / "train" / "splits" / "dtd.json").read_text())
     assert split["provenance"] == {"dataset": "dtd", "shots": 2, "seed": 1}
@@ -52,20 +59,20 @@ def test_few_shot_grid_aggregates_and_resumes(tmp_path, clip_path, monkeypatch):
     # A second call skips finished runs; a run without result.json (killed during evaluation) is finished only.
     (out / "dtd" / "coop" / "shots1_seed2" / "result.json").unlink()
     trained = []
-    monkeypatch.setattr(cli, "train_main", lambda argv: trained.append(argv))
+    monkeypatch.setattr(grid_module, "train", lambda args, overrides: trained.append(args))
     grid(tmp_path, clip_path, *few_shot)
     assert trained == [] and (out / "dtd" / "coop" / "shots1_seed2" / "result.json").exists()
 
 
 def test_a_killed_run_continues_from_its_checkpoint(tmp_path):
     run = tmp_path / "train"
-    assert continue_flags(run) == []
+    assert continue_options(run) == {}
     run.mkdir()
     (run / "run.json").write_text("{}")
-    assert continue_flags(run) == ["--overwrite_output_dir"]  # died before its first checkpoint
+    assert continue_options(run) == {"overwrite_output_dir": True}  # died before its first checkpoint
     (run / "checkpoints" / "epoch_0").mkdir(parents=True)
     (run / "checkpoints" / "epoch_0" / "trainer_state.json").write_text("{}")
-    assert continue_flags(run) == ["--resume_from_checkpoint", "latest"]
+    assert continue_options(run) == {"resume_from_checkpoint": "latest"}
 
 
 def test_base_to_new_grid_reports_the_harmonic_mean(tmp_path, clip_path):

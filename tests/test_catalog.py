@@ -17,12 +17,11 @@ import pytest
 from coop_layouts import DIRECTORIES, PETS, SPLIT_FILES, make_layout
 from datasets import Image
 
-from dpt_peft.data.catalog import (
-    COOP_DATASETS,
-    DATASET_NAMES,
+from dpt_peft.data.catalog import COOP_DATASETS, DATASET_NAMES
+from dpt_peft.data.coop_readers import load_coop_dataset, missing_images
+from dpt_peft.data.coop_splits import (
     apply_split,
-    few_shot_split,
-    load_coop_dataset,
+    coop_few_shot_split,
     load_split_file,
     save_split_file,
     subsample_classes,
@@ -175,10 +174,21 @@ def test_unknown_name_lists_the_valid_names(tmp_path):
     assert all(name in str(error.value) for name in DATASET_NAMES)
 
 
-def test_images_are_not_opened_while_loading(tmp_path):
+def test_a_missing_listed_image_fails_with_the_complete_list_unless_skipped(tmp_path):
     _, expected = make_layout(tmp_path, "dtd")
-    os.remove(expected["test"][0][0])
-    assert expected["test"][0][0] in image_paths(load_coop_dataset("dtd", tmp_path)["test"])
+    gone = [expected["test"][0][0], expected["train"][1][0]]
+    for path in gone:
+        os.remove(path)
+    with pytest.raises(FileNotFoundError, match="2 image") as error:
+        load_coop_dataset("dtd", tmp_path)
+    assert all(path in str(error.value) for path in gone) and "--skip_missing_images" in str(error.value)
+    dataset = load_coop_dataset("dtd", tmp_path, skip_missing_images=True)
+    assert gone[0] not in image_paths(dataset["test"])
+    assert (missing_images(dataset["test"]), missing_images(dataset["train"]), missing_images(dataset["val"])) == (
+        1,
+        1,
+        0,
+    )
 
 
 def test_a_malformed_split_file_is_named(tmp_path):
@@ -209,7 +219,7 @@ def per_class(dataset, indices) -> dict[int, int]:
 
 @pytest.mark.parametrize("shots", [1, 2, 8])
 def test_few_shot_counts_per_class(pets, shots):
-    indices = few_shot_split(pets, shots=shots, seed=1)
+    indices = coop_few_shot_split(pets, shots=shots, seed=1)
     assert set(indices) == {"train", "val"}
     assert per_class(pets["train"], indices["train"]) == dict.fromkeys(range(5), shots)
     assert per_class(pets["val"], indices["val"]) == dict.fromkeys(range(5), min(shots, 4))
@@ -220,8 +230,8 @@ def test_few_shot_counts_per_class(pets, shots):
 
 
 def test_few_shot_is_seeded(pets):
-    assert few_shot_split(pets, 4, seed=1) == few_shot_split(pets, 4, seed=1)
-    assert few_shot_split(pets, 4, seed=1)["train"] != few_shot_split(pets, 4, seed=2)["train"]
+    assert coop_few_shot_split(pets, 4, seed=1) == coop_few_shot_split(pets, 4, seed=1)
+    assert coop_few_shot_split(pets, 4, seed=1)["train"] != coop_few_shot_split(pets, 4, seed=2)["train"]
 
 
 def test_few_shot_draws_as_dassl_does(pets):
@@ -243,12 +253,12 @@ def test_few_shot_draws_as_dassl_does(pets):
         }
     finally:
         random.setstate(state)
-    assert few_shot_split(pets, 8, seed=3) == expected
+    assert coop_few_shot_split(pets, 8, seed=3) == expected
 
 
 def test_a_class_with_fewer_images_than_shots_keeps_them_all(pets, caplog):
     with caplog.at_level(logging.WARNING):
-        indices = few_shot_split(pets, shots=12, seed=0)
+        indices = coop_few_shot_split(pets, shots=12, seed=0)
     assert per_class(pets["train"], indices["train"]) == dict.fromkeys(range(5), 10)
     assert per_class(pets["val"], indices["val"]) == dict.fromkeys(range(5), 4)
     assert "abyssinian" in caplog.text
@@ -258,15 +268,15 @@ def test_few_shot_keeps_imagenet_val_whole_and_refuses_test_only_data(tmp_path):
     make_layout(tmp_path, "imagenet")
     make_layout(tmp_path, "imagenetv2")
     imagenet = load_coop_dataset("imagenet", tmp_path)
-    indices = few_shot_split(imagenet, shots=2, seed=0)
+    indices = coop_few_shot_split(imagenet, shots=2, seed=0)
     assert list(indices) == ["train"]
     chosen = apply_split(imagenet, indices)
     assert per_class(chosen["train"], range(len(chosen["train"]))) == dict.fromkeys(range(3), 2)
     assert len(chosen["val"]) == len(chosen["test"]) == 6
     with pytest.raises(ValueError, match="train"):
-        few_shot_split(load_coop_dataset("imagenetv2", tmp_path), shots=2, seed=0)
+        coop_few_shot_split(load_coop_dataset("imagenetv2", tmp_path), shots=2, seed=0)
     with pytest.raises(ValueError, match="shots"):
-        few_shot_split(imagenet, shots=0, seed=0)
+        coop_few_shot_split(imagenet, shots=0, seed=0)
 
 
 @pytest.mark.parametrize("name", ["oxford_pets", "stanford_cars", "imagenet", "fgvc_aircraft"])
@@ -274,7 +284,7 @@ def test_split_file_round_trip_onto_another_data_root(tmp_path, name):
     first_root = tmp_path / "first"
     make_layout(first_root, name)
     first = load_coop_dataset(name, first_root)
-    indices = few_shot_split(first, shots=2, seed=5)
+    indices = coop_few_shot_split(first, shots=2, seed=5)
     split_path = tmp_path / "splits" / f"{name}_shot2_seed5.json"
     save_split_file(split_path, first, indices, shots=2, seed=5)
 
@@ -325,7 +335,7 @@ def relabel(content: dict) -> dict:
 )
 def test_a_mismatched_split_file_is_named(tmp_path, pets, change, message):
     split_path = tmp_path / "pets_split.json"
-    save_split_file(split_path, pets, few_shot_split(pets, 2, seed=0), shots=2, seed=0)
+    save_split_file(split_path, pets, coop_few_shot_split(pets, 2, seed=0), shots=2, seed=0)
     split_path.write_text(json.dumps(change(json.loads(split_path.read_text()))))
     with pytest.raises(ValueError, match=message) as error:
         load_split_file(split_path, pets)
@@ -356,7 +366,7 @@ def test_base_and_new_classes(pets):
 
 
 def test_base_and_new_after_few_shot_and_on_test_only_data(tmp_path, pets):
-    few = apply_split(pets, few_shot_split(pets, 4, seed=0))
+    few = apply_split(pets, coop_few_shot_split(pets, 4, seed=0))
     new = subsample_classes(few, "new")
     assert per_class(new["train"], range(len(new["train"]))) == {0: 4, 1: 4}
     assert per_class(new["val"], range(len(new["val"]))) == {0: 4, 1: 4}

@@ -60,7 +60,7 @@ def test_truncated_prompts_equal_full_context(clip, clip_path):
     model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=3, class_aware=False)).eval()
     tuner = model.base_model
     tokenizer = AutoTokenizer.from_pretrained(clip_path)
-    full = build_prompt_layout(tokenizer, CLASS_NAMES, 3, "end", 24, pad_to=24)
+    full = build_prompt_layout(tokenizer, tuner.backbone.prompt_format(tokenizer), CLASS_NAMES, 3, "end", 24, pad_to=24)
     short = tuner.task_classes("default").prompt_layout
     assert short.input_ids.shape[1] < full.input_ids.shape[1] == 24
     with torch.no_grad():

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,11 +32,12 @@ from peft import AutoPeftModel, LoraConfig, PeftModel, get_peft_model, inject_ad
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel, pipeline
 
+import dpt_peft.integrations.pipeline as pipeline_module
 from dpt_peft import DPTConfig, DPTPeftModel
 from dpt_peft.integrations.auto import AutoDPTModel
 from dpt_peft.integrations.pipeline import DEFAULT_URL_TIMEOUT, TASK, DPTImageClassificationPipeline
 from dpt_peft.layer import DPTLayer
-from dpt_peft.toy.pretrain import TOY_CLIP_ID, toy_clip_path
+from dpt_peft.sources import TOY_CLIP_ID, resolve
 
 REPO_ID = "someone/dpt-tiny-clip"
 METHODS = ("dpt", "vpt", "coop")
@@ -270,18 +272,39 @@ def test_class_specific_context_refuses_other_candidates(clip_path, images):
         classifier(str(images[0]), candidate_labels=["bird", "fish"])
 
 
-def test_url_images_use_load_image_and_fail_clearly_offline(adapters, images, monkeypatch):
+class FakeResponse:
+    """What `httpx.stream` yields: `chunks` of a body, optionally `pause` seconds before each."""
+
+    def __init__(self, chunks: list[bytes], pause: float = 0.0):
+        self.chunks, self.pause = chunks, pause
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_bytes(self):
+        for chunk in self.chunks:
+            time.sleep(self.pause)
+            yield chunk
+
+
+def test_url_images_are_streamed_with_a_deadline_and_a_cap_and_fail_clearly_offline(adapters, images, monkeypatch):
     classifier = pipeline(TASK, model=loaded(adapters["vpt"]), device="cpu")
     url = "https://example.com/cat.png"
     calls = []
     png = io.BytesIO()
     Image.open(images[0]).save(png, format="PNG")
 
-    def offline(address, timeout=None, **kwargs):
+    def offline(method, address, timeout=None, **kwargs):
         calls.append((address, timeout))
         raise httpx.ConnectError(f"[Errno -2] Name or service not known: {address}")
 
-    monkeypatch.setattr(transformers.image_utils.httpx, "get", offline)
+    monkeypatch.setattr(pipeline_module.httpx, "stream", offline)
     with pytest.raises(ConnectionError, match=f"Could not download the image {url}.*offline"):
         classifier(url)
     assert calls == [(url, DEFAULT_URL_TIMEOUT)]  # never load_image's default of no timeout at all
@@ -289,11 +312,23 @@ def test_url_images_use_load_image_and_fail_clearly_offline(adapters, images, mo
         classifier(url, timeout=2.5)
     assert calls[-1] == (url, 2.5)
 
-    monkeypatch.setattr(transformers.image_utils.httpx, "get", lambda *a, **k: SimpleNamespace(content=b"<html>"))
+    monkeypatch.setattr(pipeline_module.httpx, "stream", lambda *a, **k: FakeResponse([b"<html>"]))
     with pytest.raises(ValueError, match=f"{url} did not return a readable image"):
         classifier(url)
-    monkeypatch.setattr(transformers.image_utils.httpx, "get", lambda *a, **k: SimpleNamespace(content=png.getvalue()))
+    monkeypatch.setattr(pipeline_module.httpx, "stream", lambda *a, **k: FakeResponse([png.getvalue()]))
     assert classifier(url) == classifier(str(images[0]))
+
+    # A body over the cap is refused as it arrives; a trickling server is stopped by the total deadline.
+    monkeypatch.setattr(pipeline_module.httpx, "stream", lambda *a, **k: FakeResponse([b"x" * 1000] * 100))
+    with pytest.raises(ValueError, match=r"more than 5000 bytes, the download cap; pass max_download_bytes="):
+        classifier(url, max_download_bytes=5000)
+    monkeypatch.setattr(pipeline_module.httpx, "stream", lambda *a, **k: FakeResponse([b"x"] * 100, pause=0.05))
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"took over 0.2 s \(the download deadline.*download_deadline="):
+        classifier(url, download_deadline=0.2)
+    assert time.monotonic() - start < 2
+    with pytest.raises(ValueError, match="download_deadline=-1 must be a positive number"):
+        classifier(url, download_deadline=-1)
 
 
 def test_dpt_zero_shot_pipeline_is_the_new_pipeline(adapters, images):
@@ -341,7 +376,7 @@ def test_auto_dpt_model_base_override_and_missing_base(adapters, clip_path, pixe
 
 
 def test_auto_dpt_model_resolves_the_toy_clip_id(tmp_path, pixel_values, no_network):
-    clip = CLIPModel.from_pretrained(toy_clip_path())
+    clip = CLIPModel.from_pretrained(resolve(TOY_CLIP_ID))
     clip.name_or_path = TOY_CLIP_ID
     adapter = get_peft_model(clip, DPTConfig.for_method("vpt", class_names=["circle", "square"]))
     adapter.save_pretrained(tmp_path, save_embedding_layers=False)  # "auto" would ask the Hub about the toy id

@@ -9,11 +9,11 @@ from peft import PeftModel, get_peft_model
 from transformers import TrainingArguments
 
 from dpt_peft import DPTConfig, DPTTrainer
-from dpt_peft.data.datasets import ImageBatcher
+from dpt_peft.data.batching import ImageBatcher
+from dpt_peft.integrations.hf_trainer import TrainerCollator
 from dpt_peft.sources import load_clip
 from dpt_peft.toy.tasks import toy_dataset
-from dpt_peft.training.arguments import TrainArguments
-from dpt_peft.training.recipe import VISUAL_GROUP
+from dpt_peft.training.recipe import VISUAL_GROUP, Recipe
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_dpt_trainer_applies_the_recipe_and_saves_a_loadable_adapter(setup, tmp_
     trainer = DPTTrainer(
         model,
         args,
-        recipe=TrainArguments(report_to="none", visual_warmup_epochs=0),
+        recipe=Recipe.for_method("dpt", epochs=1, visual_warmup_epochs=0),
         train_dataset=train,
         eval_dataset=test,
         data_collator=ImageBatcher(processor, "image", "label"),
@@ -77,7 +77,10 @@ def test_a_plain_trainer_reports_eval_loss(setup, tmp_path):
         remove_unused_columns=False,
     )
     trainer = Trainer(
-        model=model, args=args, eval_dataset=test, data_collator=ImageBatcher(processor, "image", "label")
+        model=model,
+        args=args,
+        eval_dataset=test,
+        data_collator=TrainerCollator(ImageBatcher(processor, "image", "label")),
     )
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0

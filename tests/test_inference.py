@@ -164,3 +164,37 @@ def test_predict_and_visualize_commands(clip_path, model, image_dir, tmp_path, c
     )
     assert len(figures) == 3 and all((tmp_path / "figures" / f"{i}.png").stat().st_size > 1000 for i in range(3))
     assert "context 0:" in capsys.readouterr().out
+
+
+def test_commands_load_the_base_model_the_adapter_records(model, image_dir, tmp_path):
+    """No --model_name_or_path: the tiny CLIP of another shape than the toy one is found from adapter_config.json."""
+    model.save_pretrained(tmp_path / "adapter")
+    output = ["--output", str(tmp_path / "predictions.jsonl")]
+    rows = predict_main(["--adapter", str(tmp_path / "adapter"), str(image_dir), "--top_k", "1", *output])
+    assert len(rows) == 3 and all(len(row["labels"]) == 1 for row in rows)
+    figures = visualize_main(
+        ["--adapter", str(tmp_path / "adapter"), str(image_dir), "--output_dir", str(tmp_path / "f")]
+    )
+    assert len(figures) == 3
+
+
+def test_an_adapter_loads_onto_the_base_model_it_records(model, clip_path, tmp_path, pixel_values):
+    """A CLIP that is not the toy one (other widths): the loader takes the base from adapter_config.json."""
+    from dpt_peft.sources import load_adapted_model
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded, _ = load_adapted_model(str(tmp_path / "adapter"), device="cpu")
+    assert loaded.get_base_model().name_or_path == clip_path
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits)
+
+
+def test_an_adapter_without_a_recorded_base_needs_one_named(model, tmp_path):
+    from dpt_peft.sources import load_adapted_model
+
+    model.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(ValueError, match="records no base model.*--model_name_or_path"):
+        load_adapted_model(str(tmp_path / "adapter"), device="cpu")

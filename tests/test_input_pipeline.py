@@ -1,4 +1,4 @@
-"""The decode-once cache, device augmentation and parallel loading of `dpt_peft.data.input_pipeline`: the same
+"""The decode-once cache, device augmentation and parallel loading of `dpt_peft.data` (docs/input_pipeline.md): the same
 crops and pixels as `ImageBatcher`, the stated tolerance to the image processor, determinism, cache reuse, and
 unreadable images counted once (also across DataLoader workers)."""
 
@@ -15,21 +15,18 @@ from datasets import Dataset, Image
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
-from dpt_peft.data.datasets import ImageBatcher, random_resized_crop, undecoded, with_index
-from dpt_peft.data.input_pipeline import (
+from dpt_peft.data import batching, decoded_cache
+from dpt_peft.data.augmentation import DeviceAugmenter, draw_crop_box, random_resized_crop
+from dpt_peft.data.batching import ImageBatcher, ReportingImageBatcher, SkipCounter, undecoded, with_index
+from dpt_peft.data.decoded_cache import (
     CachedImageDataset,
     DecodedImageCache,
-    DeviceAugmenter,
-    ReportingImageBatcher,
-    SkipCounter,
     cache_size_for,
     collate_cached,
-    draw_crop_box,
-    loader_kwargs,
     to_cached_square,
 )
+from dpt_peft.data.loaders import TrainLoader, loader_kwargs
 from dpt_peft.toy.pretrain import image_processor
-from dpt_peft.data import input_pipeline
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")  # a real photo, 512 x 600
 # Two-sample Kolmogorov-Smirnov critical value at alpha = 0.001 for 2000 + 2000 draws: 1.949 * sqrt(2 / 2000).
@@ -217,13 +214,13 @@ def test_crops_depend_only_on_seed_epoch_and_index():
 @pytest.fixture
 def decode_calls(monkeypatch):
     calls = []
-    real = input_pipeline.decode_image_value
+    real = decoded_cache.decode_image_value
 
     def counting(value):
         calls.append(value)
         return real(value)
 
-    monkeypatch.setattr(input_pipeline, "decode_image_value", counting)
+    monkeypatch.setattr(decoded_cache, "decode_image_value", counting)
     return calls
 
 
@@ -268,7 +265,7 @@ def test_bad_images_are_skipped_logged_and_counted_once(tmp_path, decode_calls, 
     paths = write_images(tmp_path / "images", 6, corrupt=(1, 4))
     paths.append(str(tmp_path / "images" / "missing.png"))
     dataset = image_dataset(paths)
-    with caplog.at_level(logging.WARNING, logger=input_pipeline.__name__):
+    with caplog.at_level(logging.WARNING, logger=decoded_cache.__name__):
         cache = DecodedImageCache.build(dataset, "image", 37, cache_dir=tmp_path / "cache")
     bad = [paths[1], paths[4], paths[6]]
     assert cache.skipped == bad and cache.rows == [0, 2, 3, 5] and len(cache) == 4
@@ -286,7 +283,7 @@ def test_bad_images_are_skipped_logged_and_counted_once(tmp_path, decode_calls, 
 def test_an_unwritable_store_warns_once_and_the_build_goes_on(tmp_path, caplog):
     dataset = image_dataset(write_images(tmp_path / "images", 3))
     (tmp_path / "a_file").write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger=input_pipeline.__name__):
+    with caplog.at_level(logging.WARNING, logger=decoded_cache.__name__):
         cache = DecodedImageCache.build(dataset, "image", 37, cache_dir=tmp_path / "a_file")
     assert len(cache) == 3 and cache.decoded == 3
     assert [r.getMessage() for r in caplog.records if "Cannot write" in r.getMessage()] != []
@@ -320,6 +317,25 @@ def test_cached_batches_feed_the_augmenter(tmp_path):
     assert explicit.indices == samples.indices and explicit[0][1] == 0
 
 
+def test_both_training_loaders_yield_the_same_batch_contract_for_the_epoch_they_are_set_to(tmp_path):
+    dataset = with_index(undecoded(image_dataset(write_images(tmp_path / "images", 6)), "image"))
+    batcher = ImageBatcher(image_processor(), "image", "label", train=True, seed=1)
+    decoded = TrainLoader(DataLoader(dataset, batch_size=3, collate_fn=batcher), batcher=batcher)
+    samples = CachedImageDataset.from_dataset(DecodedImageCache.build(dataset, "image", 37), dataset, "label")
+    augmenter = DeviceAugmenter.from_processor(image_processor(), seed=1)
+    cached = TrainLoader(DataLoader(samples, batch_size=3, collate_fn=collate_cached), augmenter=augmenter)
+    for loader in (decoded, cached):
+        loader.set_epoch(0)
+        first = [batch["pixel_values"] for batch in loader]
+        loader.set_epoch(3)
+        batches = list(loader)
+        assert len(loader) == 2 and all(set(batch) == {"pixel_values", "labels"} for batch in batches)
+        assert not torch.equal(first[0], batches[0]["pixel_values"])  # other crops in another epoch
+    assert batcher.epoch == 3
+    with pytest.raises(ValueError, match="either"):
+        TrainLoader(DataLoader(samples), batcher=batcher, augmenter=augmenter)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Parallel decoding loaders
 
@@ -338,7 +354,7 @@ def test_skips_in_two_workers_are_counted_once_in_the_main_process(tmp_path, cap
     batcher = ReportingImageBatcher(image_processor(), "image", "label", train=True)
     loader = DataLoader(dataset, batch_size=2, shuffle=True, collate_fn=batcher, **loader_kwargs(2))
     counter = SkipCounter()
-    with caplog.at_level(logging.WARNING, logger=input_pipeline.__name__):
+    with caplog.at_level(logging.WARNING, logger=batching.__name__):
         for _ in range(2):  # two epochs: both workers meet both bad images
             images = 0
             for batch in loader:

@@ -15,10 +15,11 @@ from PIL import Image
 from transformers import CLIPModel
 
 from dpt_peft import DPTConfig, predict
-from dpt_peft.cli import _figure_names, predict_main, train_main
-from dpt_peft.data.datasets import ImageBatcher, few_shot_split, load_image_dataset, undecoded
+from dpt_peft.cli import _figure_names, parse_args, predict_main, train_main
+from dpt_peft.data.batching import ImageBatcher, undecoded
+from dpt_peft.data.datasets import load_image_dataset
+from dpt_peft.data.few_shot import draw_shots
 from dpt_peft.data.images import open_rgb
-from dpt_peft.training.arguments import parse_args
 
 
 @pytest.mark.parametrize(
@@ -67,10 +68,12 @@ def test_high_bit_depth_and_float_images_are_scaled_not_clipped(tmp_path):
     assert np.asarray(open_rgb(floats)) == pytest.approx(np.full((8, 8, 3), 64), abs=1)
 
 
-def test_a_decompression_bomb_is_skipped_and_counted_once(tmp_path, monkeypatch, model):
-    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "bomb.png")
+def test_a_decompression_bomb_is_skipped_and_counted_once(tmp_path, model):
+    # A small file that becomes a bomb once resized for the model: its short side of 1 pixel goes to 512, so its
+    # 200000 x 1 pixels become 102 million x 512, over PIL's limit (the guard bounds the resized size).
+    Image.fromarray(np.zeros((1, 200_000, 3), dtype=np.uint8)).save(tmp_path / "bomb.png")
     Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(tmp_path / "fine.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 40x40 = 1600 pixels > 2 x 300: DecompressionBombError
+    assert (tmp_path / "bomb.png").stat().st_size < 5000
     paths = [tmp_path / "bomb.png", tmp_path / "fine.png"]
     processor = __import__("dpt_peft.toy.pretrain", fromlist=["image_processor"]).image_processor()
     assert [p.source for p in predict(model, paths, processor=processor)] == [str(tmp_path / "fine.png")]
@@ -96,13 +99,13 @@ def image_folder(root, per_class: int = 3, broken: dict[str, int] | None = None)
 
 def test_an_unreadable_shot_is_replaced_by_another_image_of_its_class(tmp_path):
     dataset = load_image_dataset(str(image_folder(tmp_path / "data", per_class=4, broken={"cat": 2})))["train"]
-    train, rest = few_shot_split(dataset, "label", ["cat", "dog"], shots=2, seed=0)
+    train, rest = draw_shots(dataset, "label", ["cat", "dog"], shots=2, seed=0)
     view = undecoded(train, "image")
     assert sorted(view["label"]) == [0, 0, 1, 1] and len(rest) == 4
     for row in view:
         open_rgb(row["image"]["path"])  # every chosen shot decodes
     with pytest.raises(ValueError, match="Class 'cat' has too few readable images"):
-        few_shot_split(dataset, "label", ["cat", "dog"], shots=3, seed=0)
+        draw_shots(dataset, "label", ["cat", "dog"], shots=3, seed=0)
 
 
 def test_a_flat_or_one_class_folder_is_explained(tmp_path):
@@ -139,8 +142,9 @@ def test_predict_checks_its_flags_and_output_before_any_work(tmp_path, capsys):
         predict_main(["--adapter", "missing", str(tmp_path), "--top_k", "0"])
     assert "--top_k 0 must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        predict_main(["--adapter", "missing", str(tmp_path), "--output", str(tmp_path / "no" / "such.jsonl")])
-    assert "does not exist or is not writable" in capsys.readouterr().err
+        (tmp_path / "a_file").write_text("")
+        predict_main(["--adapter", "missing", str(tmp_path), "--output", str(tmp_path / "a_file" / "out.jsonl")])
+    assert "a_file is a file, not a folder; choose another --output" in capsys.readouterr().err
 
 
 def test_visualize_names_every_figure_uniquely():
@@ -214,5 +218,8 @@ def test_predict_never_replaces_an_existing_file_unasked(tmp_path, capsys):
     existing.write_text("my notes\n")
     with pytest.raises(SystemExit):
         predict_main(["--adapter", "missing", str(tmp_path), "--output", str(existing)])
-    assert "already exists; choose another file, or pass --overwrite_output" in capsys.readouterr().err
+    assert (
+        "dpt_peft did not write it (it is not in .dpt_peft_written.json with this content), so it is never replaced"
+        in capsys.readouterr().err
+    )
     assert existing.read_text() == "my notes\n"

@@ -249,8 +249,9 @@ def test_transfer_from_related_toy_tasks_starts_from_a_lower_loss(tmp_path):
     from torch.utils.data import DataLoader
     from transformers import AutoImageProcessor
 
-    from dpt_peft.data.datasets import ImageBatcher, load_task
-    from dpt_peft.toy.pretrain import toy_clip_path
+    from dpt_peft.data.batching import ImageBatcher
+    from dpt_peft.data.datasets import load_task
+    from dpt_peft.sources import TOY_CLIP_ID, resolve
     from dpt_peft.training.arguments import TOY_CONFIG_DEFAULTS, TrainArguments
 
     source = tmp_path / "source"
@@ -268,8 +269,8 @@ def test_transfer_from_related_toy_tasks_starts_from_a_lower_loss(tmp_path):
             str(source),
         ]
     )
-    target = load_task(TrainArguments(report_to="none"), "toy-position")
-    path = toy_clip_path()
+    target = load_task(TrainArguments(report_to="none").data_spec, "toy-position")
+    path = resolve(TOY_CLIP_ID)
     batch = next(
         iter(
             DataLoader(

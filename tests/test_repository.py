@@ -56,7 +56,7 @@ def test_readme_config_table_lists_every_config_field():
 
 def test_cli_flags_come_from_the_config_fields():
     from dpt_peft import DPTConfig
-    from dpt_peft.training.arguments import build_parser
+    from dpt_peft.cli import build_parser
 
     flags = {action.dest for action in build_parser()._actions}
     assert set(DPTConfig.user_field_names()) <= flags
@@ -69,27 +69,34 @@ def test_no_reference_to_files_outside_the_repository():
     assert not offenders
 
 
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+
 def _imported_modules(path: Path) -> set[str]:
-    """Package modules `path` imports at module level (not inside functions or TYPE_CHECKING)."""
-    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    """Package modules `path` imports anywhere: at module level, inside functions and under TYPE_CHECKING."""
+    module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
             target = f"{base}.{node.module}" if node.module else base
             found |= {target} | {f"{target}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-    names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for p in _modules()}
+    names = {_module_name(p) for p in _modules()}
     return {name for name in found if name in names} - {module}
 
 
+def _import_graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imported_modules(p) for p in _modules()}
+
+
 def test_no_import_cycles():
-    graph = {
-        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): _imported_modules(p)
-        for p in _modules()
-    }
+    graph = _import_graph()
 
     def visit(name: str, path: tuple[str, ...]) -> None:
         for target in graph.get(name, ()):
@@ -99,6 +106,55 @@ def test_no_import_cycles():
 
     for name in graph:
         visit(name, (name,))
+
+
+# The layers of docs/design.md, lowest first: a module imports its own layer and the layers below, never above,
+# and never a peer layer of the same rank (experiments and integrations know nothing of each other).
+LAYERS = {
+    "utils": 0,
+    "toy": 0,
+    "metrics": 0,
+    "backbones": 1,
+    "data": 1,
+    "core": 2,
+    "training": 3,
+    "experiments": 4,
+    "integrations": 4,
+    "cli": 5,
+}
+ENTRY_POINTS = {"dpt_peft", "dpt_peft.__main__"}  # registration and `python -m`: they may import any layer
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if module == "dpt_peft.cli":
+        return "cli"
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "core"
+
+
+def test_imports_follow_the_layers():
+    offenders = [
+        f"{module} ({_layer(module)}) imports {target} ({_layer(target)})"
+        for module, targets in _import_graph().items()
+        if module not in ENTRY_POINTS
+        for target in targets
+        if target not in ENTRY_POINTS
+        and _layer(target) != _layer(module)
+        and LAYERS[_layer(target)] >= LAYERS[_layer(module)]
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(REPO)): n for p in _modules() if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_changelog_names_the_current_version_first():
+    import dpt_peft
+
+    first = re.search(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), flags=re.M).group(1)
+    assert first == dpt_peft.__version__
 
 
 def test_modules_reach_no_private_attribute_of_other_objects():
@@ -120,5 +176,5 @@ def test_python_dash_m_lists_the_commands():
         [sys.executable, "-m", "dpt_peft", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO
     )
     assert completed.returncode == 0, completed.stderr
-    for command in ("train", "evaluate", "predict", "visualize", "ablation"):
+    for command in ("train", "evaluate", "predict", "visualize", "ablation", "benchmark"):
         assert f"  {command} " in completed.stdout

@@ -9,7 +9,6 @@ import json
 import logging
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +21,16 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 import dpt_peft.training.checkpoints as checkpoints_module
-import dpt_peft.training.trainer as trainer_module
+import dpt_peft.training.report as report_module
+import dpt_peft.training.setup as training_setup
 from dpt_peft import DPTConfig
 from dpt_peft.cli import train_main
-from dpt_peft.training.checkpoints import verify_checkpoint
-from dpt_peft.training.run_dir import LOCK_FILE, CheckpointError
+from dpt_peft.training.checkpoint_files import CheckpointError, verify_checkpoint
+from dpt_peft.training.checkpoints import Checkpointer
+from dpt_peft.training.run_layout import LOCK_FILE
+from dpt_peft.training.run_lock import check_lock
 from dpt_peft.training.trainer import TrainingDivergedError
+from dpt_peft.utils.write_policy import MANIFEST_FILE, OutputFolder
 
 SHORT = ["--epochs", "2", "--shots", "4", "--report_to", "none", "--eval_batch_size", "300"]
 CHECKPOINT_FILES = {
@@ -77,15 +80,15 @@ class MakesFile:
 def killed_run(tmp_path_factory) -> tuple[Path, Path]:
     """A 3-epoch run killed after epoch 1 (checkpoints epoch_0 and epoch_1), and a pristine copy of it."""
     directory = tmp_path_factory.mktemp("killed") / "run"
-    original = trainer_module.save_checkpoint
+    original = Checkpointer.save
 
-    def save_then_die(accelerator, args, state, identity):
-        original(accelerator, args, state, identity)
+    def save_then_die(checkpointer, state, identity):
+        original(checkpointer, state, identity)
         if state["epoch"] == 1:
             raise KeyboardInterrupt("killed after epoch 1")
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(trainer_module, "save_checkpoint", save_then_die)
+        patch.setattr(Checkpointer, "save", save_then_die)
         run(directory, "--epochs", "3")
     pristine = directory.with_name("pristine")
     shutil.copytree(directory, pristine)
@@ -117,8 +120,10 @@ def test_overwrite_removes_only_the_runs_own_artifacts(tmp_path):
     out = tmp_path / "run"
     run(out, "--report_to", "tensorboard", "--epochs", "1")
     (out / "eval").mkdir()
-    (out / "eval" / "eval_metrics.json").write_text("{}")  # what `dpt-peft evaluate --output_dir run/eval` writes
+    OutputFolder(out / "eval").write_json("eval_metrics.json", {})  # as `dpt-peft evaluate --output_dir run/eval`
     assert {p.name for p in out.iterdir()} == {
+        ".dpt_peft.lock",
+        MANIFEST_FILE,
         "adapter",
         "checkpoints",
         "dpt_peft",
@@ -133,7 +138,7 @@ def test_overwrite_removes_only_the_runs_own_artifacts(tmp_path):
     assert not (out / "eval").exists()
     assert not old_events & {p.name for p in (out / "dpt_peft").rglob("*")}  # the old tracker logs were removed
     assert json.loads((out / "run.json").read_text())["dpt_config"]["num_visual_tokens"] == 3
-    assert not (out / LOCK_FILE).exists()
+    check_lock(out / LOCK_FILE)  # released
 
     # A file dpt_peft did not write: refused, also with --overwrite_output_dir; nothing is deleted.
     (out / "notes.txt").write_text("mine")
@@ -157,46 +162,46 @@ def test_output_dir_dot_in_a_project_is_refused_even_with_overwrite(tmp_path, mo
     with pytest.raises(ValueError, match=r"--output_dir \. is not empty and holds no dpt_peft run: 'README.md'"):
         train_main([*SHORT, "--output_dir", ".", "--overwrite_output_dir"])
     (project / "README.md").unlink()
-    with pytest.raises(ValueError, match=r"'dpt_peft/__init__.py'.*did not write"):
+    with pytest.raises(ValueError, match=r"'adapter/adapter_config.json' \(and 1 more\).*did not write"):
         train_main([*SHORT, "--output_dir", ".", "--overwrite_output_dir"])
     del before["README.md"]
     assert snapshot(project) == before
 
 
-def test_a_second_concurrent_run_is_refused_and_a_stale_lock_taken_over(tmp_path, caplog):
+HOLD_LOCK = (
+    "import sys, time; from pathlib import Path; from dpt_peft.training.run_lock import RunLock; "
+    "lock = RunLock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)"
+)
+
+
+def test_a_second_concurrent_run_is_refused_until_the_holder_dies(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        lock = {"pid": other.pid, "hostname": socket.gethostname(), "started": "2024-01-01T00:00:00"}
-        (out / LOCK_FILE).write_text(json.dumps(lock))
+        assert other.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=rf"Another dpt_peft run is using.*process {other.pid}"):
             run(out)
         assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written, the lock left to its owner
         with pytest.raises(ValueError, match="Another dpt_peft run"):  # also on a later re-run with overwrite
             run(out, "--overwrite_output_dir")
     finally:
-        other.kill()
+        other.kill()  # kill -9: the kernel releases its lock, nothing to take over by hand
         other.wait()
-    # The process is gone: the lock is stale and taken over with a warning; released when the run ends.
-    with caplog.at_level(logging.WARNING):
-        run(out, "--epochs", "1")
-    assert f"stale lock {out / LOCK_FILE} of process {other.pid}" in caplog.text
-    assert (out / "metrics.json").exists() and not (out / LOCK_FILE).exists()
-    # A lock from another host cannot be checked: refused.
-    (out / LOCK_FILE).write_text(json.dumps({**lock, "hostname": "some-other-host"}))
-    with pytest.raises(ValueError, match="Another dpt_peft run.*'some-other-host'.*delete"):
-        run(out, "--resume_from_checkpoint", "latest", "--epochs", "1")
+    run(out, "--epochs", "1")
+    assert (out / "metrics.json").exists()
+    check_lock(out / LOCK_FILE)  # released when the run ended
 
 
 def test_the_lock_is_released_when_a_run_fails(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(trainer_module, "split_metrics", fail)
+    monkeypatch.setattr(report_module, "split_metrics", fail)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         run(tmp_path / "run", "--epochs", "1")
-    assert (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / LOCK_FILE).exists()
+    assert (tmp_path / "run" / "run.json").exists()
+    check_lock(tmp_path / "run" / LOCK_FILE)  # released
 
 
 # ------------------------------------------------------------------------------- 2. checks before writing
@@ -297,7 +302,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     weights = load_file(out / "checkpoints" / "epoch_0" / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
-    assert not (out / LOCK_FILE).exists()
+    check_lock(out / LOCK_FILE)  # released
 
 
 def test_save_pretrained_refuses_non_finite_tensors(clip_path, tmp_path):
@@ -368,7 +373,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert caught.value.errno == errno.ENOSPC
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0"]  # no partial one left
     verify_checkpoint(out / "checkpoints" / "epoch_0")
-    assert not (out / LOCK_FILE).exists()
+    check_lock(out / LOCK_FILE)  # released
     monkeypatch.setattr(checkpoints_module, "write_file", original)
     run(out, "--resume_from_checkpoint", "latest", "--epochs", "3")
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
@@ -385,3 +390,24 @@ def test_an_unloaded_model_refuses_save_and_forward(clip_path, tmp_path, pixel_v
     assert not (tmp_path / "adapter").exists()
     with pytest.raises(RuntimeError, match=r"Cannot run forward: this DPTPeftModel was unloaded.*from_pretrained"):
         model(pixel_values=pixel_values)
+
+
+def test_a_moved_or_respelled_run_resumes(killed_run, tmp_path, monkeypatch):
+    _, pristine = killed_run
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(pristine, moved)  # run.json and the checkpoints record the old --output_dir
+    monkeypatch.chdir(moved.parent)
+    metrics = run("./run", "--resume_from_checkpoint", "latest", "--epochs", "3")  # relative, and moved
+    assert metrics["steps"] == 3
+    assert json.loads((moved / "metrics.json").read_text())["steps"] == 3
+
+
+def test_a_resume_on_changed_data_is_refused_before_anything_is_written(copied_run, monkeypatch):
+    import dpt_peft.data.few_shot as few_shot_module
+
+    real = few_shot_module.data_fingerprint
+    before = snapshot(copied_run)
+    monkeypatch.setattr(training_setup, "data_fingerprint", lambda tasks, column: "changed" + real(tasks, column))
+    with pytest.raises(ValueError, match=r"another config \(data_fingerprint: the training images changed"):
+        run(copied_run, "--resume_from_checkpoint", "latest", "--epochs", "3")
+    assert snapshot(copied_run) == before

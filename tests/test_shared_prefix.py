@@ -17,6 +17,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, PreTrainedTokeniz
 
 import dpt_peft.model as dpt_model_module
 from dpt_peft import DPTConfig
+from dpt_peft.backbones import ClipBackbone, PromptFormat
 from dpt_peft.class_prompts import PromptLayout, build_prompt_layout
 from dpt_peft.shared_prefix import encode_with_shared_prefix, shared_prefix_length
 
@@ -60,8 +61,17 @@ def _dpt(clip_path: str, shape: str, class_specific: bool) -> PeftModel:
     return get_peft_model(_clip(**TEXT_SHAPES[shape]), config).eval()
 
 
+@functools.cache
+def _backbone() -> ClipBackbone:
+    return ClipBackbone(_clip())
+
+
+def _format(tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+    return _backbone().prompt_format(tokenizer)
+
+
 def _layout(tokenizer: PreTrainedTokenizerBase, names: list[str], position: str = "end", **kwargs) -> PromptLayout:
-    return build_prompt_layout(tokenizer, names, NUM_CONTEXT, position, max_length=24, **kwargs)
+    return build_prompt_layout(tokenizer, _format(tokenizer), names, NUM_CONTEXT, position, max_length=24, **kwargs)
 
 
 def _concat(*layouts: PromptLayout) -> PromptLayout:
@@ -121,7 +131,7 @@ def _features_and_grad(model: PeftModel, layout: PromptLayout, shared: bool) -> 
     if shared:
         clip = tuner.model
         pooled = encode_with_shared_prefix(
-            clip.text_model, _embeds(model, layout), layout.input_ids, shared_prefix_length(layout)
+            tuner.backbone, _embeds(model, layout), layout.input_ids, shared_prefix_length(layout)
         )
         features = clip.text_projection(pooled)
     else:
@@ -189,33 +199,36 @@ def _random_prompts(text_model: CLIPTextModel, prefix_length: int) -> tuple[torc
 @pytest.mark.parametrize("shape", list(TEXT_SHAPES))
 @pytest.mark.parametrize("training", [False, True])
 def test_unwrapped_text_tower_matches_clip_on_random_prompts(shape, training):
-    text_model = _clip(1, vocab_size=600, **TEXT_SHAPES[shape]).text_model.train(training)
+    backbone = ClipBackbone(_clip(1, vocab_size=600, **TEXT_SHAPES[shape]).train(training))
+    text_model = backbone.model.text_model
     ids, pooled = _random_prompts(text_model, prefix_length=5)
     other_rule = (ids == 2).int().argmax(-1) if text_model.eos_token_id == 2 else ids.argmax(-1)
     assert (other_rule != pooled).all()
     expected = text_model(input_ids=ids).pooler_output
-    actual = encode_with_shared_prefix(text_model, text_model.embeddings.token_embedding(ids), ids, 5)
+    actual = encode_with_shared_prefix(backbone, text_model.embeddings.token_embedding(ids), ids, 5)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
 def test_rejects_attention_dropout_in_training():
-    text_model = _clip(1, vocab_size=600, attention_dropout=0.1).text_model
+    backbone = ClipBackbone(_clip(1, vocab_size=600, attention_dropout=0.1))
+    text_model = backbone.model.text_model
     ids, _ = _random_prompts(text_model, prefix_length=5)
     embeds = text_model.embeddings.token_embedding(ids)
     expected = text_model(input_ids=ids).pooler_output  # eval: no dropout, the shared prefix is exact
-    torch.testing.assert_close(encode_with_shared_prefix(text_model, embeds, ids, 5), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(encode_with_shared_prefix(backbone, embeds, ids, 5), expected, atol=1e-5, rtol=0)
+    text_model.train()
     with pytest.raises(ValueError, match="attention_dropout"):
-        encode_with_shared_prefix(text_model.train(), embeds, ids, 5)
+        encode_with_shared_prefix(backbone, embeds, ids, 5)
 
 
 def test_rejects_a_prefix_that_reaches_an_eot(clip_path):
     model = _dpt(clip_path, "tiny", False)
-    tokenizer, text_model = model.base_model.tokenizer(), model.base_model.model.text_model
+    tokenizer, backbone = model.base_model.tokenizer(), model.base_model.backbone
     single = _layout(tokenizer, ["cat"])  # a single prompt is shared up to its end
     assert shared_prefix_length(single) == single.input_ids.shape[1]
     for layout, prefix_length in [(single, shared_prefix_length(single)), (_layout(tokenizer, CLASS_NAMES), 0)]:
         with pytest.raises(ValueError, match="EOT"):
-            encode_with_shared_prefix(text_model, _embeds(model, layout), layout.input_ids, prefix_length)
+            encode_with_shared_prefix(backbone, _embeds(model, layout), layout.input_ids, prefix_length)
 
 
 @pytest.mark.parametrize("shape", ["tiny", "wide"])
@@ -247,13 +260,13 @@ def test_flops_of_200_classes_with_16_context_tokens(clip_path, position, prefix
     clip.set_attn_implementation("eager")
     tokenizer = _dpt(clip_path, "tiny", False).base_model.tokenizer()
     names = [f"{first} {second}" for first in WORDS for second in WORDS][: 200 - len(WORDS)] + WORDS
-    layout = build_prompt_layout(tokenizer, names, 16, position, max_length=24)
+    layout = build_prompt_layout(tokenizer, _format(tokenizer), names, 16, position, max_length=24)
     context = torch.randn(16, clip.config.text_config.hidden_size)
     tokens = clip.text_model.embeddings.token_embedding(layout.input_ids)
     embeds = torch.where(layout.context_mask.unsqueeze(-1), context[layout.context_index], tokens)
     assert layout.input_ids.shape == (200, 21) and shared_prefix_length(layout) == prefix_length
     with torch.no_grad(), FlopCounterMode(display=False) as shared_flops:
-        pooled = encode_with_shared_prefix(clip.text_model, embeds, layout.input_ids, prefix_length)
+        pooled = encode_with_shared_prefix(ClipBackbone(clip), embeds, layout.input_ids, prefix_length)
         clip.text_projection(pooled)
     with torch.no_grad(), FlopCounterMode(display=False) as full_flops:
         clip.get_text_features(input_ids=layout.input_ids)

@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import dpt_peft.training.trainer as trainer_module
-from dpt_peft.cli import evaluate_main, train_main
+from dpt_peft.cli import evaluate_main, parse_args, train_main
 from dpt_peft.metrics import ACCURACY_PATH
 from dpt_peft.toy.shapes import POSITIONS
-from dpt_peft.training.arguments import parse_args
+from dpt_peft.training.checkpoints import Checkpointer
 from dpt_peft.training.recipe import recipe_lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,17 +80,17 @@ def test_base_to_new_evaluates_a_base_adapter_on_unseen_classes(tmp_path):
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     run(tmp_path / "straight")
-    original = trainer_module.save_checkpoint
+    original = Checkpointer.save
 
-    def save_then_die(accelerator, args, state, identity):
-        original(accelerator, args, state, identity)
+    def save_then_die(checkpointer, state, identity):
+        original(checkpointer, state, identity)
         if state["epoch"] == 1:
             raise KeyboardInterrupt("killed after epoch 1")
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(trainer_module, "save_checkpoint", original)
+    monkeypatch.setattr(Checkpointer, "save", original)
     checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert checkpoints == ["epoch_0", "epoch_1"]  # complete checkpoints only, no .partial left
     run(tmp_path / "resumed", "--resume_from_checkpoint", "latest")
@@ -144,7 +143,11 @@ def test_flags_cover_the_config_and_the_toy_defaults():
     }
     assert args.augment is False  # a flip would turn "left" into "right"
     args, overrides = parse_args(["--dataset", "some/hub-dataset", "--augment", "true"])
-    assert args.augment is True and overrides == {}
+    assert args.augment is True and overrides == {"num_text_tokens": 4}  # the toy CLIP's 16 positions, any data
+    args, overrides = parse_args(
+        ["--dataset", "some/hub-dataset", "--model_name_or_path", "openai/clip-vit-base-patch16"]
+    )
+    assert overrides == {}
     assert args.resolved_guidance_epochs == 30 and args.visual_lr == 0.01 and args.text_lr == 0.002
     assert args.resolved_visual_warmup_epochs == 10
 
@@ -289,8 +292,8 @@ def test_push_to_hub_after_training(tmp_path, monkeypatch):
     )
     run(tmp_path, "--push_to_hub", "--hub_model_id", "someone/dpt-toy")
     assert uploaded == {"someone/dpt-toy": ["README.md", "adapter_config.json", "adapter_model.safetensors"]}
-    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
-        run(tmp_path / "other", "--push_to_hub")
+    run(tmp_path / "dpt-other", "--push_to_hub")  # no --hub_model_id: the output folder's name, as Trainer does
+    assert set(uploaded) == {"someone/dpt-toy", "dpt-other"}
 
 
 def test_a_hub_dataset_name_goes_through_load_dataset(tmp_path, monkeypatch):
@@ -303,3 +306,48 @@ def test_a_hub_dataset_name_goes_through_load_dataset(tmp_path, monkeypatch):
     metrics = run(tmp_path, "--dataset", "someone/shapes", "--num_text_tokens", "4", "--augment", "false")
     assert requested == ["someone/shapes"]
     assert sorted(metrics["per_class_accuracy"]) == ["large", "small"]
+
+
+def test_the_paper_recipe_is_one_value_for_the_loop_and_the_hf_trainer():
+    from dpt_peft.training.arguments import TrainArguments
+    from dpt_peft.training.recipe import Recipe
+
+    assert TrainArguments(dataset="some/hub-dataset").recipe == Recipe.for_method("dpt") == Recipe()
+    assert TrainArguments(dataset="some/hub-dataset", method="coop", epochs=10).recipe.guidance_epochs == 0
+    assert Recipe.for_method("vpt_coop", epochs=10).guidance(4) and not Recipe.for_method("vpt_coop", 10).guidance(5)
+
+
+def test_a_run_state_reads_back_as_checkpoints_store_it():
+    from dpt_peft.training.run_state import RunState
+
+    state = RunState(epochs_done=3, global_step=12, history=[{"epoch": 2}], train_seconds=1.5, train_images=96)
+    stored = state.to_dict()
+    assert stored["epoch"] == 2 and "epochs_done" not in stored
+    assert RunState.from_dict(stored) == state
+    older = {"epoch": 0, "global_step": 4, "history": [], "train_seconds": 0.5}  # before train_images existed
+    assert RunState.from_dict(older) == RunState(epochs_done=1, global_step=4, train_seconds=0.5)
+
+
+def test_no_library_module_imports_the_command_line():
+    """The CLI is a leaf: no module imports it, also not inside a function (only `python -m dpt_peft` runs it)."""
+    import ast
+
+    root = Path(__file__).parent.parent
+    offenders = []
+    for path in (root / "dpt_peft").rglob("*.py"):
+        if path.name == "__main__.py" or path.relative_to(root).parts[1] == "cli":  # the CLI package itself
+            continue
+        package = ".".join(path.relative_to(root).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.level else node.module
+                module = module if node.module or not node.level else base
+                imported = {module} | {f"{module}.{alias.name}" for alias in node.names}
+            else:
+                continue
+            if "dpt_peft.cli" in imported:
+                offenders.append(str(path.relative_to(root)))
+    assert not offenders

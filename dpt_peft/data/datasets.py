@@ -1,29 +1,22 @@
-"""Data of a training run: datasets, checks, few-shot sampling, augmentation, batching, multitask schedules.
-
-Images are decoded in the collate function, not by `datasets`, so that an unreadable or corrupt image is
-skipped with a warning naming it (and counted) instead of stopping a long run.
-"""
+"""The tasks of a run: datasets (CoOp benchmark, Hub, imagefolder, toy) with their columns, class names and labels
+checked, and each task's few-shot training, validation and test sets."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from PIL import Image as PILImage
 
-from ..sources import read_class_names
-from .catalog import COOP_DATASETS, MAX_VAL_SHOTS, apply_split, load_coop_dataset, load_split_file, subsample_classes
-from .catalog import few_shot_split as coop_few_shot_split
-from .images import UNREADABLE_IMAGE_ERRORS, open_rgb
-
-if TYPE_CHECKING:
-    from ..training.arguments import TrainArguments
+from .batching import undecoded, with_index
+from .catalog import COOP_DATASETS, MAX_VAL_SHOTS
+from .coop_readers import load_coop_dataset, prompt_class_names
+from .coop_splits import apply_split, coop_few_shot_split, load_split_file, subsample_classes
+from .few_shot import draw_shots, replace_unreadable_shots
+from .spec import DataSpec
 
 logger = logging.getLogger(__name__)
 TOY_PREFIX = "toy-"
@@ -65,11 +58,31 @@ def _load_imagefolder(path: str) -> DatasetDict:
             f"--dataset {path} is an image folder with {found}; classification needs one subfolder per class and at "
             f"least two of them ({path}/cat/1.jpg, {path}/dog/2.jpg, ...)."
         )
+    for folder in _empty_class_folders(path, set(label.names)):  # imagefolder drops them: the class would vanish
+        logger.warning(
+            "--dataset %s: the class folder %s holds no images, so that class is left out of the label space; add "
+            "images to it or remove the folder.",
+            path,
+            folder,
+        )
     return dataset
 
 
+def _empty_class_folders(path: str, class_names: set[str]) -> list[str]:
+    """Folders beside the class folders (at the level that holds them) without an image file anywhere below."""
+    suffixes = {suffix.lower() for suffix in PILImage.registered_extensions()}
+    empty = []
+    for root, folders, _ in os.walk(path):
+        if class_names & set(folders):
+            for name in sorted(set(folders) - class_names):
+                below = (f for _, _, files in os.walk(os.path.join(root, name)) for f in files)
+                if not any(os.path.splitext(f)[1].lower() in suffixes for f in below):
+                    empty.append(os.path.join(root, name))
+    return empty
+
+
 def load_checked_split(
-    name_or_path: str,
+    name_or_path: str | DatasetDict,
     split: str,
     image_column: str,
     label_column: str,
@@ -81,7 +94,8 @@ def load_checked_split(
 ) -> tuple[DatasetDict, Dataset, list[str]]:
     """A dataset's split with its columns, class names and labels checked; also returns the whole dataset.
     `subsample` "base" or "new" keeps CoCoOp's half of the classes (`catalog.subsample_classes`)."""
-    dataset = load_image_dataset(name_or_path, seed=seed, data_root=data_root)
+    given = isinstance(name_or_path, DatasetDict)  # a DatasetDict given in Python (`TrainArguments(dataset=...)`)
+    dataset = name_or_path if given else load_image_dataset(name_or_path, seed=seed, data_root=data_root)
     if subsample != "all":
         if label_column != "label" or not isinstance(next(iter(dataset.values())).features.get("label"), ClassLabel):
             raise ValueError("--subsample_classes needs a ClassLabel column named 'label' (--label_column label).")
@@ -104,13 +118,19 @@ def check_columns(dataset: Dataset, image_column: str, label_column: str) -> Non
             )
 
 
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line (blank lines ignored)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def class_names_of(dataset: Dataset, label_column: str, class_names_file: str | None = None) -> list[str]:
     """Class names from a file (one per line) or from the label column's `ClassLabel` feature."""
     if class_names_file:
         return read_class_names(class_names_file)
     feature = dataset.features[label_column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
+    if isinstance(feature, ClassLabel):  # a CoOp dataset's own list, repeats included ("missile" twice in ImageNet)
+        return prompt_class_names(dataset, label_column)
     raise ValueError(
         f"Column {label_column!r} is not a ClassLabel, so it names no classes; pass --class_names_file with one "
         "class name per line."
@@ -127,162 +147,6 @@ def check_labels(dataset: Dataset, label_column: str, class_names: list[str]) ->
         )
 
 
-def few_shot_split(
-    dataset: Dataset, label_column: str, class_names: list[str], shots: int, seed: int, image_column: str = "image"
-) -> tuple[Dataset, Dataset]:
-    """`shots` readable images per class (seeded) for training, and every other image untouched."""
-    labels = np.asarray(dataset[label_column])
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label, name in enumerate(class_names):
-        members = np.flatnonzero(labels == label)
-        if len(members) < shots:
-            raise ValueError(
-                f"Class {name!r} has {len(members)} images, fewer than --shots {shots}; lower --shots or add images."
-            )
-        chosen.extend(rng.choice(members, size=shots, replace=False).tolist())
-    chosen = replace_unreadable_shots(dataset, chosen, label_column, image_column, class_names, seed)
-    chosen_set = set(chosen)
-    rest = [i for i in range(len(dataset)) if i not in chosen_set]
-    return dataset.select(sorted(chosen)), dataset.select(rest)
-
-
-def replace_unreadable_shots(
-    dataset: Dataset, chosen: list[int], label_column: str, image_column: str, class_names: list[str], seed: int
-) -> list[int]:
-    """`chosen` with every image that cannot be decoded replaced by a readable image of its class that was not
-    chosen (drawn with a generator seeded by `seed`); an error naming the class when it has too few readable images.
-
-    Each chosen image is decoded once here, so a few-shot set never trains on fewer images than asked for.
-    """
-    view = undecoded(dataset, image_column)
-    labels = np.asarray(dataset[label_column])
-    taken = set(chosen)
-    spares: dict[int, list[int]] = {}
-    result = []
-    for index in chosen:
-        label = int(labels[index])
-        candidate = index
-        while not _readable(view[candidate][image_column], candidate):
-            if label not in spares:
-                others = [int(i) for i in np.flatnonzero(labels == label) if i not in taken]
-                spares[label] = np.random.default_rng([seed, label]).permutation(others).tolist()
-            if not spares[label]:
-                raise ValueError(
-                    f"Class {class_names[label]!r} has too few readable images for the few-shot set (unreadable ones "
-                    "are logged above); lower --shots, or fix or add images of that class."
-                )
-            candidate = spares[label].pop(0)
-            taken.add(candidate)
-        result.append(candidate)
-    return result
-
-
-def _readable(value, index: int) -> bool:
-    try:
-        decode_image_value(value)
-    except (*UNREADABLE_IMAGE_ERRORS, KeyError) as err:
-        where = value.get("path") if isinstance(value, dict) else None
-        logger.warning(
-            "Few-shot image %s is unreadable (%s: %s); drawing another of its class.",
-            where or index,
-            type(err).__name__,
-            err,
-        )
-        return False
-    return True
-
-
-def undecoded(dataset: Dataset, image_column: str) -> Dataset:
-    """Keep images as bytes/paths; `ImageBatcher` decodes them and skips the ones that fail."""
-    if isinstance(dataset.features[image_column], Image):
-        return dataset.cast_column(image_column, Image(decode=False))
-    return dataset
-
-
-def random_resized_crop(
-    image: PILImage.Image, size: int, rng: np.random.Generator, min_scale: float = 0.08
-) -> PILImage.Image:
-    """Inception-style crop (area `min_scale`-1, ratio 3/4-4/3) resized to `size`, as in CoOp/DPT training."""
-    width, height = image.size
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(min_scale, 1.0)
-        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
-            return image.resize((size, size), PILImage.BICUBIC, box=(left, top, left + w, top + h))
-    side = min(width, height)
-    box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
-    return image.resize((size, size), PILImage.BICUBIC, box=box)
-
-
-@dataclass
-class ImageBatcher:
-    """Collate function: decode, augment (training), preprocess with the base model's image processor.
-
-    Augmentation draws from a generator seeded by (seed, epoch, sample), so a resumed run sees the same
-    crops as an uninterrupted one.
-    """
-
-    processor: object
-    image_column: str
-    label_column: str
-    train: bool = False
-    seed: int = 0
-    min_crop_scale: float = 0.08
-    epoch: int = 0
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def crop_size(self) -> int:
-        crop = getattr(self.processor, "crop_size", None) or {}
-        return int(crop.get("height") or self.processor.size.get("shortest_edge"))
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor] | None:
-        images, labels = [], []
-        for row in rows:
-            value = row[self.image_column]
-            try:
-                image = decode_image_value(value)
-            except (*UNREADABLE_IMAGE_ERRORS, KeyError) as err:
-                self._skip(value, err)
-                continue
-            if self.train:
-                rng = np.random.default_rng([self.seed, self.epoch, int(row["__index__"])])
-                image = random_resized_crop(image, self.crop_size, rng, self.min_crop_scale)
-                if rng.random() < 0.5:
-                    image = image.transpose(PILImage.FLIP_LEFT_RIGHT)
-            images.append(image)
-            labels.append(row[self.label_column])
-        if not images:
-            return None
-        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        # `return_loss` lets a plain transformers Trainer report eval_loss: it inspects CLIPModel.forward (a PEFT
-        # model hides ours) and so finds no `labels` argument; DPTPeftModel.forward ignores the flag.
-        return {"pixel_values": pixel_values, "labels": torch.tensor(labels, dtype=torch.long), "return_loss": True}
-
-    def _skip(self, value, err: Exception) -> None:
-        """Log and count an unreadable image once, however many epochs meet it."""
-        where = str(value.get("path") if isinstance(value, dict) else value)
-        if where not in self.skipped:
-            self.skipped.append(where)
-            logger.warning("Skipping unreadable image %s (%s: %s)", where, type(err).__name__, err)
-
-
-def decode_image_value(value) -> PILImage.Image:
-    """A `datasets` image value (PIL image, or `{"bytes", "path"}` when not decoded) as 8-bit RGB."""
-    if isinstance(value, PILImage.Image):
-        return open_rgb(value)
-    return open_rgb(value["bytes"] if value.get("bytes") else value["path"])
-
-
-def with_index(dataset: Dataset) -> Dataset:
-    """Add `__index__` so augmentation can be seeded per sample."""
-    return dataset.add_column("__index__", list(range(len(dataset))))
-
-
 @dataclass
 class FewShotData:
     """One task of a run: its few-shot training set, its held-out set and its class names; for a benchmark
@@ -296,50 +160,50 @@ class FewShotData:
     split_indices: dict[str, list[int]] | None = None
 
 
-def load_task(args: TrainArguments, name: str) -> FewShotData:
+def load_task(spec: DataSpec, name: str) -> FewShotData:
     """One task's dataset, class names and few-shot split, with every check a user could fail."""
     if name in COOP_DATASETS:
-        return load_benchmark_task(args, name)
-    if args.split_file:
+        return load_benchmark_task(spec, name)
+    if spec.split_file:
         raise ValueError(
             f"--split_file applies to the CoOp benchmark datasets ({', '.join(COOP_DATASETS)}), not {name!r}."
         )
     dataset, pool, class_names = load_checked_split(
-        name,
-        args.train_split,
-        args.image_column,
-        args.label_column,
-        args.class_names_file,
-        args.seed,
+        spec.given.get(name, name),
+        spec.train_split,
+        spec.image_column,
+        spec.label_column,
+        spec.class_names_file,
+        spec.seed,
         split_flag="--train_split",
-        subsample=args.subsample_classes,
+        subsample=spec.subsample_classes,
     )
-    train, rest = few_shot_split(pool, args.label_column, class_names, args.shots, args.seed, args.image_column)
+    train, rest = draw_shots(pool, spec.label_column, class_names, spec.shots, spec.seed, spec.image_column)
     val = None
-    if args.eval_every:  # a few-shot validation set as CoOp's (min(K, 4) per class), never from the test images
-        val_shots = min(args.shots, MAX_VAL_SHOTS)
-        val, rest = few_shot_split(rest, args.label_column, class_names, val_shots, args.seed + 1, args.image_column)
-        val = undecoded(val, args.image_column)
-    test = dataset[args.test_split] if args.test_split and args.test_split in dataset else rest
-    check_columns(test, args.image_column, args.label_column)
-    check_labels(test, args.label_column, class_names)
-    train = with_index(undecoded(train, args.image_column))
-    return FewShotData(train, undecoded(test, args.image_column), class_names, val=val)
+    if spec.eval_every:  # a few-shot validation set as CoOp's (min(K, 4) per class), never from the test images
+        val_shots = min(spec.shots, MAX_VAL_SHOTS)
+        val, rest = draw_shots(rest, spec.label_column, class_names, val_shots, spec.seed + 1, spec.image_column)
+        val = undecoded(val, spec.image_column)
+    test = dataset[spec.test_split] if spec.test_split and spec.test_split in dataset else rest
+    check_columns(test, spec.image_column, spec.label_column)
+    check_labels(test, spec.label_column, class_names)
+    train = with_index(undecoded(train, spec.image_column))
+    return FewShotData(train, undecoded(test, spec.image_column), class_names, val=val)
 
 
-def load_benchmark_task(args: TrainArguments, name: str) -> FewShotData:
+def load_benchmark_task(spec: DataSpec, name: str) -> FewShotData:
     """A CoOp benchmark dataset read from --data_root, its few-shot split (drawn, or reused from --split_file), then
     CoCoOp's base/new class subset: the same images as CoOp for the same seed."""
-    dataset = load_coop_dataset(name, args.data_root)
-    if args.split_file:
-        indices = load_split_file(args.split_file, dataset)
+    dataset = load_coop_dataset(name, spec.data_root, spec.skip_missing_images)
+    if spec.split_file:
+        indices = load_split_file(spec.split_file, dataset, spec.shots)
     else:
-        indices = coop_few_shot_split(dataset, args.shots, args.seed)
+        indices = coop_few_shot_split(dataset, spec.shots, spec.seed)
         train = dataset["train"]
         names = train.features["label"].names
-        indices["train"] = replace_unreadable_shots(train, indices["train"], "label", "image", names, args.seed)
-    chosen = subsample_classes(apply_split(dataset, indices), args.subsample_classes)
-    class_names = list(chosen["test"].features["label"].names)
+        indices["train"] = replace_unreadable_shots(train, indices["train"], "label", "image", names, spec.seed)
+    chosen = subsample_classes(apply_split(dataset, indices), spec.subsample_classes)
+    class_names = prompt_class_names(chosen["test"])
     val = chosen["val"] if "val" in indices else None
     return FewShotData(
         with_index(undecoded(chosen["train"], "image")),
@@ -351,31 +215,9 @@ def load_benchmark_task(args: TrainArguments, name: str) -> FewShotData:
     )
 
 
-def load_tasks(args: TrainArguments) -> dict[str, FewShotData]:
+def load_tasks(spec: DataSpec) -> dict[str, FewShotData]:
     """Every task of the run, keyed by its dataset name."""
-    names = args.datasets
+    names = list(spec.datasets)
     if len(set(names)) != len(names):
         raise ValueError(f"--tasks lists a dataset twice: {names}; give each task once.")
-    return {name: load_task(args, name) for name in names}
-
-
-def task_schedule(loaders: dict, sampling: str, generator: torch.Generator) -> list[str]:
-    """The task of every step of one epoch: each task's batch count (proportional, shuffled), or a uniform draw."""
-    names = list(loaders)
-    total = sum(len(loader) for loader in loaders.values())
-    if sampling == "uniform":
-        return [names[i] for i in torch.randint(len(names), (total,), generator=generator).tolist()]
-    order = [name for name in names for _ in range(len(loaders[name]))]
-    return [order[i] for i in torch.randperm(total, generator=generator).tolist()]
-
-
-def scheduled_batches(loaders: dict, schedule: list[str]) -> Iterator[tuple[str, dict | None]]:
-    """(task, batch) pairs following `schedule`; a task's loader restarts when it runs out."""
-    iterators = {name: iter(loader) for name, loader in loaders.items()}
-    for name in schedule:
-        try:
-            batch = next(iterators[name])
-        except StopIteration:
-            iterators[name] = iter(loaders[name])
-            batch = next(iterators[name])
-        yield name, batch
+    return {name: load_task(spec, name) for name in names}

@@ -2,36 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 
-from ..training.arguments import parse_args
-from ..training.checkpoints import continue_flags
-from ..training.trainer import train
 from ..utils.plots import plot_ablation
+from ..utils.write_policy import OutputFolder, checked_file
+from .grid import GridRun, run_grid
 
 METHODS = ("coop", "vpt", "vpt_coop", "dpt")
 LABELS = {"zero_shot": "Zero-shot CLIP", "coop": "CoOp", "vpt": "VPT", "vpt_coop": "VPT+CoOp", "dpt": "DPT"}
 
 
-def run_ablation(output_dir: str, seeds: tuple[int, ...] = (0, 1, 2), extra: list[str] | None = None) -> dict:
-    """Train every method with every seed (same recipe, same few-shot sets); returns accuracies per method."""
-    results: dict[str, list[float]] = {"zero_shot": []}
+def run_ablation(
+    output_dir: str,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    options: dict | None = None,
+    config_options: dict | None = None,
+) -> dict:
+    """Train every method with every seed (same recipe, same few-shot sets); returns accuracies per method.
+    `options` (TrainArguments values) and `config_options` (DPTConfig values) apply to every run; finished runs are
+    read back, so an interrupted ablation continues."""
+    runs = []
     for seed in seeds:
         for method in METHODS:
             run_dir = os.path.join(output_dir, f"{method}_seed{seed}")
-            metrics_file = os.path.join(run_dir, "metrics.json")
-            if os.path.exists(metrics_file):  # finished earlier: an interrupted ablation continues
-                with open(metrics_file) as f:
-                    metrics = json.load(f)
-            else:
-                argv = ["--method", method, "--seed", str(seed), "--output_dir", run_dir, "--report_to", "none"]
-                args, overrides = parse_args([*argv, *(extra or []), *continue_flags(run_dir)])
-                metrics = train(args, overrides)
-            results.setdefault(method, []).append(metrics["accuracy"])
-            if method == METHODS[0]:
-                results["zero_shot"].append(metrics["zero_shot_accuracy"])
+            fields = {"method": method, "seed": seed, "output_dir": run_dir, "report_to": "none"}
+            runs.append(GridRun.make(run_dir, fields, options or {}, config_options or {}))
+    results: dict[str, list[float]] = {"zero_shot": []}
+    for run, metrics in zip(runs, run_grid(runs)):
+        results.setdefault(run.args.method, []).append(metrics["accuracy"])
+        if run.args.method == METHODS[0]:
+            results["zero_shot"].append(metrics["zero_shot_accuracy"])
     return results
 
 
@@ -44,23 +45,39 @@ def summary_table(results: dict[str, list[float]]) -> str:
     return "\n".join(rows)
 
 
+def report_paths(output_dir: str, docs_dir: str | None = None) -> tuple[str, str]:
+    """results.md and ablation.png: in `docs_dir` when the user names one, else in the ablation's `output_dir`
+    (a command writes only under its --output_dir unless told otherwise; results.json goes beside results.md)."""
+    folder = docs_dir or output_dir
+    return os.path.join(folder, "results.md"), os.path.join(folder, "ablation.png")
+
+
+def check_report_target(markdown_path: str, figure_path: str, overwrite: bool = False) -> None:
+    """Before the grid runs: the report files can be written, and none is a file dpt_peft did not write (unless
+    `overwrite`, --overwrite_output_dir: e.g. the repository's own docs/results.md, regenerated on purpose)."""
+    json_path = os.path.splitext(markdown_path)[0] + ".json"
+    for path in (markdown_path, json_path, figure_path):
+        checked_file(path, "--docs_dir", "--overwrite_output_dir", overwrite)
+
+
 def write_report(results: dict[str, list[float]], markdown_path: str, figure_path: str, command: str) -> None:
-    plot_ablation(results, LABELS, figure_path)
+    """results.md, results.json and the figure, each written atomically and recorded as dpt_peft's."""
+    figures = OutputFolder(os.path.dirname(figure_path) or ".")
+    figures.write(os.path.basename(figure_path), lambda path: plot_ablation(results, LABELS, str(path)))
     figure = os.path.relpath(figure_path, os.path.dirname(markdown_path))
     text = f"""# Ablation on the embedded default
 
 Measured by `{command}` on 2 CPU cores: the toy CLIP shipped in `dpt_peft/toy/assets`, the `toy-position`
-task (5 classes, 16 shots per class, 600 held-out test images per seed), the DPT recipe of docs/method.md
-section 5 (SGD, 60 epochs, batch 32; VPT+CoOp and DPT with guidance for the first 30 epochs, CoOp and VPT
+task (5 classes, 16 shots per class, the same 600 held-out test images for every seed), the DPT recipe of
+docs/method.md section 5 (SGD, 60 epochs, batch 32; VPT+CoOp and DPT with guidance for the first 30 epochs, CoOp and VPT
 with plain cross-entropy, as the reference trainers) with the two toy settings
-(4 context tokens, no augmentation). Each seed draws its own toy datasets and few-shot set; every method
+(4 context tokens, no augmentation). Each seed draws its own training pool and few-shot set; every method
 sees the same ones. Zero-shot is plain CLIP with "a photo of a {{class}}.".
 
 {summary_table(results)}
 
 ![ablation]({figure})
 """
-    with open(markdown_path, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(markdown_path)[0] + ".json", "w") as f:
-        json.dump(results, f, indent=2)
+    reports = OutputFolder(os.path.dirname(markdown_path) or ".")
+    reports.write_text(os.path.basename(markdown_path), text)
+    reports.write_json(os.path.basename(os.path.splitext(markdown_path)[0] + ".json"), results)

@@ -6,40 +6,30 @@
 - `domain_generalization`: trained on ImageNet, evaluated on ImageNet-V2, -Sketch, -A and -R.
 
 Each run has its own directory holding its training run (`train/`: adapter, metrics, splits as JSON) and its
-`result.json`, written last. A finished run is skipped; a killed one continues from its latest checkpoint.
+`result.json`, written last. A finished run is skipped; a killed one continues from its latest checkpoint, and a
+target it already evaluated (`eval/<target>/eval_metrics.json`) is read back, not evaluated again. Before the
+first run, every dataset the grid reads is checked (`data.check`): a missing folder or image fails in seconds.
+Transfer targets are scored with their own zero-shot template, as DPT builds its model per dataset.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..data.catalog import COOP_DATASETS, load_coop_dataset
-from ..training.checkpoints import continue_flags
-from ..utils.plots import plot_accuracy_against_shots
+from ..data.catalog import COOP_DATASETS, DOMAIN_GENERALIZATION_TARGETS, FEW_SHOT_DATASETS, dataset_spec
+from ..data.check import require_data
+from ..data.coop_readers import load_coop_dataset, missing_images, prompt_class_names
+from ..training.evaluation import evaluate_adapter
+from .benchmark_report import aggregate, check_report_target, write_report
+from .grid import GridRun, read_result, run_grid
 
 PROTOCOLS = ("few_shot", "base_to_new", "cross_dataset", "domain_generalization")
-# The paper's 11 few-shot datasets; ImageNet is the source of the two transfer protocols.
-FEW_SHOT_DATASETS = (
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
-SOURCE_DATASET = "imagenet"
+SOURCE_DATASET = "imagenet"  # the source of the two transfer protocols
 CROSS_DATASET_TARGETS = tuple(name for name in FEW_SHOT_DATASETS if name != SOURCE_DATASET)
-DOMAIN_GENERALIZATION_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 RESULT_FILE = "result.json"
+EVAL_FILE = "eval_metrics.json"
+__all__ = ["FEW_SHOT_DATASETS", "DOMAIN_GENERALIZATION_TARGETS", "aggregate", "benchmark", "plan", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +74,7 @@ def targets(protocol: str, datasets: list[str]) -> list[str]:
     return [d for d in datasets if d in DOMAIN_GENERALIZATION_TARGETS] or list(DOMAIN_GENERALIZATION_TARGETS)
 
 
-def run_grid(
+def run_protocol(
     protocol: str,
     data_root: str,
     output_dir: str,
@@ -93,127 +83,110 @@ def run_grid(
     seeds: list[int],
     methods: list[str],
     model_name_or_path: str | None = None,
-    extra: list[str] | None = None,
+    options: dict | None = None,
+    config_options: dict | None = None,
+    skip_missing_images: bool = False,
 ) -> list[dict]:
-    """Run (or skip, when finished) every run of the protocol; returns their results."""
-    from ..cli import train_main
-
+    """Check the data, then run (or skip, when finished) every run of the protocol; returns their results.
+    `options` (TrainArguments values) and `config_options` (DPTConfig values) apply to every run; a
+    `zero_shot_template` among them also replaces each transfer target's own template. With `skip_missing_images`,
+    images a split lists but the disk lacks are left out and counted in every report instead of failing the check."""
     evaluation_targets = targets(protocol, datasets) if protocol in PROTOCOLS[2:] else []
-    runs = plan(protocol, datasets if protocol != "domain_generalization" else [SOURCE_DATASET], shots, seeds, methods)
-    model = ["--model_name_or_path", model_name_or_path] if model_name_or_path else []
-    results = []
-    for number, spec in enumerate(runs, 1):
+    specs = plan(protocol, datasets if protocol != "domain_generalization" else [SOURCE_DATASET], shots, seeds, methods)
+    # --skip_missing_images given as a training flag applies to the data check and the evaluations too
+    skip_missing_images = skip_missing_images or bool((options or {}).get("skip_missing_images"))
+    needed = list(dict.fromkeys([spec.dataset for spec in specs] + evaluation_targets))
+    require_data(data_root, needed, skip_missing_images)
+    given_template = (config_options or {}).get("zero_shot_template")
+    runs = []
+    for spec in specs:
         run_dir = Path(output_dir) / spec.relative_dir
-        result_file = run_dir / RESULT_FILE
-        if result_file.exists():
-            print(f"[{number}/{len(runs)}] {spec.relative_dir}: done, skipped", flush=True)
-            results.append(json.loads(result_file.read_text()))
-            continue
-        print(f"[{number}/{len(runs)}] {spec.relative_dir}", flush=True)
-        train_dir = run_dir / "train"
-        if not (train_dir / "metrics.json").exists():
-            argv = [
-                *("--dataset", spec.dataset, "--data_root", data_root, "--method", spec.method),
-                *("--shots", str(spec.shots), "--seed", str(spec.seed), "--output_dir", str(train_dir)),
-                *("--report_to", "none", *model, *(extra or [])),
-            ]
-            if protocol == "base_to_new":
-                argv += ["--subsample_classes", "base"]
-            train_main([*argv, *continue_flags(train_dir)])
-        metrics = json.loads((train_dir / "metrics.json").read_text())
-        result = {
-            **asdict(spec),
-            **_evaluate(spec, metrics, train_dir, data_root, evaluation_targets, model_name_or_path),
+        fields = {
+            "dataset": spec.dataset,
+            "data_root": data_root,
+            "method": spec.method,
+            "shots": spec.shots,
+            "seed": spec.seed,
+            "output_dir": str(run_dir / "train"),
+            "report_to": "none",
         }
-        result_file.write_text(json.dumps(result, indent=2))
-        results.append(result)
-    return results
+        if protocol == "base_to_new":
+            fields["subsample_classes"] = "base"
+        if model_name_or_path:
+            fields["model_name_or_path"] = model_name_or_path
+        label = str(spec.relative_dir)
+        runs.append(GridRun.make(label, fields, options or {}, config_options or {}, run_dir / RESULT_FILE))
+    by_label = dict(zip((run.label for run in runs), specs))
 
-
-def _evaluate(
-    spec: RunSpec, metrics: dict, train_dir: Path, data_root: str, evaluation_targets: list[str], model: str | None
-) -> dict:
-    from ..training.evaluation import evaluate_adapter
-
-    adapter = str(train_dir / "adapter")
-    if spec.protocol == "few_shot":
-        return {"accuracy": metrics["accuracy"], "zero_shot_accuracy": metrics["zero_shot_accuracy"]}
-    if spec.protocol == "base_to_new":
-        test = load_coop_dataset(spec.dataset, data_root)["test"]
-        names = list(test.features["label"].names)
-        report = evaluate_adapter(
-            model, adapter, test, names, "image", "label", str(train_dir.parent / "eval"), base_to_new=True
+    def finish(run: GridRun, metrics: dict) -> dict:
+        spec = by_label[run.label]
+        evaluation = Evaluation(
+            spec, Path(run.args.output_dir), data_root, model_name_or_path, given_template, skip_missing_images
         )
-        keys = ("base_accuracy", "new_accuracy", "harmonic_mean", "zero_shot_base_accuracy", "zero_shot_new_accuracy")
-        return {key: report["base_to_new"][key] for key in keys}
-    accuracies = {"source_accuracy": metrics["accuracy"]}
-    for target in evaluation_targets:
-        test = load_coop_dataset(target, data_root)["test"]
-        names = list(test.features["label"].names)
-        out = str(train_dir.parent / "eval" / target)
-        accuracies[target] = evaluate_adapter(model, adapter, test, names, "image", "label", out)["accuracy"]
-    return accuracies
+        return {**asdict(spec), **evaluation.result(metrics, evaluation_targets)}
+
+    return run_grid(runs, finish)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluations of one trained run: base-to-new on its own test set, or each transfer target."""
 
+    spec: RunSpec
+    train_dir: Path
+    data_root: str
+    model: str | None
+    given_template: str | None
+    skip_missing_images: bool
 
-def aggregate(protocol: str, results: list[dict]) -> list[dict]:
-    """Mean ± std over seeds of every metric, per (dataset, method, shots)."""
-    groups: dict[tuple, list[dict]] = {}
-    for result in results:
-        groups.setdefault((result["dataset"], result["method"], result["shots"]), []).append(result)
-    rows = []
-    skip = {"protocol", "dataset", "method", "shots", "seed"}
-    for (dataset, method, shots), members in sorted(groups.items()):
-        for metric in [key for key in members[0] if key not in skip]:
-            mean, std = _mean_std([m[metric] for m in members])
-            row = {"protocol": protocol, "dataset": dataset, "method": method, "shots": shots, "metric": metric}
-            rows.append({**row, "mean": mean, "std": std, "seeds": len(members)})
-    return rows
+    def result(self, metrics: dict, evaluation_targets: list[str]) -> dict:
+        """The run's numbers, with the images skipped as unreadable or missing from disk in all it scored."""
+        test = load_coop_dataset(self.spec.dataset, self.data_root, self.skip_missing_images)["test"]
+        counts = {"skipped_images": metrics.get("skipped_images", 0), "missing_images": missing_images(test)}
+        if self.spec.protocol == "few_shot":
+            return {"accuracy": metrics["accuracy"], "zero_shot_accuracy": metrics["zero_shot_accuracy"], **counts}
+        if self.spec.protocol == "base_to_new":
+            report = self.evaluate(self.spec.dataset, self.train_dir.parent / "eval", base_to_new=True)
+            keys = (
+                "base_accuracy",
+                "new_accuracy",
+                "harmonic_mean",
+                "zero_shot_base_accuracy",
+                "zero_shot_new_accuracy",
+            )
+            return {**{key: report["base_to_new"][key] for key in keys}, **_counts(report)}
+        result = {"source_accuracy": metrics["accuracy"], **counts}
+        for target in evaluation_targets:
+            report = self.evaluate(target, self.train_dir.parent / "eval" / target)
+            result[target] = report["accuracy"]
+            for key, count in _counts(report).items():
+                result[key] += count
+        return result
 
-
-def write_report(protocol: str, rows: list[dict], output_dir: str) -> Path:
-    """results.csv, results.md and, for few-shot, accuracy against shots per dataset (PNG)."""
-    folder = Path(output_dir) / protocol
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=["protocol", "dataset", "method", "shots", "metric", "mean", "std", "seeds"]
+    def evaluate(self, dataset: str, out: Path, base_to_new: bool = False) -> dict:
+        """`evaluate_adapter` on the dataset's test split, or its report read back when a killed grid wrote it."""
+        written = read_result(out / EVAL_FILE)  # a damaged one is named, removed and redone
+        if written is not None:
+            return written
+        test = load_coop_dataset(dataset, self.data_root, self.skip_missing_images)["test"]
+        template = None if base_to_new else self.given_template or dataset_spec(dataset).template
+        adapter = str(self.train_dir / "adapter")
+        names = prompt_class_names(test)
+        return evaluate_adapter(
+            self.model,
+            adapter,
+            test,
+            names,
+            "image",
+            "label",
+            str(out),
+            base_to_new=base_to_new,
+            zero_shot_template=template,
         )
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"# {protocol.replace('_', ' ')}: mean ± std over seeds (accuracy, %)", ""]
-    lines += _markdown_table(protocol, rows)
-    if protocol == "few_shot":
-        plot_accuracy_against_shots(rows, str(folder / "accuracy_vs_shots.png"))
-        lines += ["", "![accuracy against shots](accuracy_vs_shots.png)"]
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
-    return folder / "results.md"
 
 
-def _markdown_table(protocol: str, rows: list[dict]) -> list[str]:
-    def cell(row: dict | None) -> str:
-        return "-" if row is None else f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
-
-    index = {(r["dataset"], r["method"], r["shots"], r["metric"]): r for r in rows}
-    keys = sorted({(r["dataset"], r["method"], r["shots"]) for r in rows})
-    metric_names: dict[str, list[str]] = {
-        "few_shot": ["zero_shot_accuracy", "accuracy"],
-        "base_to_new": ["base_accuracy", "new_accuracy", "harmonic_mean"],
-    }
-    metrics = metric_names.get(protocol) or sorted({r["metric"] for r in rows}, key=_source_first)
-    header = "| dataset | method | shots | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"
-    lines = [header, "|---|---|---:|" + "---:|" * len(metrics)]
-    for dataset, method, shots in keys:
-        cells = " | ".join(cell(index.get((dataset, method, shots, metric))) for metric in metrics)
-        lines.append(f"| {dataset} | {method} | {shots} | {cells} |")
-    return lines
-
-
-def _source_first(metric: str) -> tuple[bool, str]:
-    return metric != "source_accuracy", metric
+def _counts(report: dict) -> dict[str, int]:
+    return {"skipped_images": report.get("skipped_images", 0), "missing_images": report.get("missing_images", 0)}
 
 
 def benchmark(
@@ -225,8 +198,24 @@ def benchmark(
     seeds: list[int],
     methods: list[str],
     model_name_or_path: str | None = None,
-    extra: list[str] | None = None,
+    options: dict | None = None,
+    config_options: dict | None = None,
+    skip_missing_images: bool = False,
+    confidence_interval: bool = False,
 ) -> Path:
-    """Run the grid, aggregate it and write the report; returns the path of results.md."""
-    results = run_grid(protocol, data_root, output_dir, datasets, shots, seeds, methods, model_name_or_path, extra)
-    return write_report(protocol, aggregate(protocol, results), output_dir)
+    """Run the grid, aggregate it as CoOp/CoCoOp do and write the report; returns the path of results.md."""
+    check_report_target(protocol, output_dir)  # before the first run, not after the last
+    results = run_protocol(
+        protocol,
+        data_root,
+        output_dir,
+        datasets,
+        shots,
+        seeds,
+        methods,
+        model_name_or_path,
+        options,
+        config_options,
+        skip_missing_images,
+    )
+    return write_report(protocol, aggregate(protocol, results), output_dir, confidence_interval)

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from huggingface_hub import ResolvedRevision
 from peft import AutoPeftModel, PeftConfig
-from transformers import CLIPModel, PretrainedConfig
+from torch import nn
+from transformers import AutoModel, PretrainedConfig
 
+from ..backbones import backbone_for
 from ..config import DPTConfig
 from ..peft_model import DPTPeftModel
-from ..toy.pretrain import TOY_CLIP_ID, resolve_model_path
+from ..sources import recorded_name, resolve
 
 # Where each keyword goes. Hub access applies to the adapter and to the base model; PEFT's loading options to the
 # adapter; anything else (dtype, device_map, attn_implementation, quantization_config, ...) to the base CLIP.
@@ -39,7 +41,7 @@ class AutoDPTModel(AutoPeftModel):
         ```
     """
 
-    _target_class = CLIPModel
+    _target_class = AutoModel
     _target_peft_class = DPTPeftModel
 
     @classmethod
@@ -60,13 +62,13 @@ class AutoDPTModel(AutoPeftModel):
         Args:
             pretrained_model_name_or_path: Directory or Hub repo id holding `adapter_config.json` and the weights.
             config: A `DPTConfig` to use instead of the saved one, or the base model's `PretrainedConfig` (as
-                transformers' `pipeline()` passes), which goes to `CLIPModel.from_pretrained`.
+                transformers' `pipeline()` passes), which goes to `AutoModel.from_pretrained`.
             revision: Revision of the adapter repo; the base model is loaded at the revision the adapter records.
             base_model_name_or_path: Load the adapter onto this CLIP instead of the one the adapter records (e.g. a
                 local copy); it must have the same shape.
             low_cpu_mem_usage: Create the adapter's tensors on the meta device and assign the saved ones (PEFT's
                 option; the base model is always loaded that way by transformers 5).
-            kwargs: `dtype`/`torch_dtype`, `device_map`, `attn_implementation`, ... go to `CLIPModel.from_pretrained`;
+            kwargs: `dtype`/`torch_dtype`, `device_map`, `attn_implementation`, ... go to `AutoModel.from_pretrained`;
                 `token`, `cache_dir`, `local_files_only`, ... to both loads; `subfolder`, `torch_device`,
                 `autocast_adapter_dtype` to the adapter.
         """
@@ -92,7 +94,7 @@ class AutoDPTModel(AutoPeftModel):
         clip = _load_base_clip(peft_config, base_model_name_or_path, base_config, hub, kwargs)
         if low_cpu_mem_usage and "torch_device" not in adapter_options:
             # Assigned tensors keep the device they were read to: read them where the CLIP is.
-            adapter_options["torch_device"] = str(clip.text_projection.weight.device)
+            adapter_options["torch_device"] = str(backbone_for(clip).text_parameter.device)
         model = DPTPeftModel.from_pretrained(
             clip,
             source,
@@ -113,7 +115,7 @@ def _load_base_clip(
     base_config: PretrainedConfig | None,
     hub: dict[str, Any],
     model_kwargs: dict[str, Any],
-) -> CLIPModel:
+) -> nn.Module:
     name = override or peft_config.base_model_name_or_path
     if not name:
         raise ValueError(
@@ -129,12 +131,11 @@ def _load_base_clip(
     if base_config is not None:
         model_kwargs["config"] = base_config
     try:
-        clip = CLIPModel.from_pretrained(resolve_model_path(name), revision=revision, **hub, **model_kwargs)
+        clip = AutoModel.from_pretrained(resolve(name), revision=revision, **hub, **model_kwargs)
     except OSError as err:
         raise OSError(
             f"Could not load the adapter's base CLIP {name!r} ({err}). Pass base_model_name_or_path= a local copy "
             "or another id of the same model."
         ) from err
-    if name == TOY_CLIP_ID:
-        clip.name_or_path = TOY_CLIP_ID  # as load_clip does: a saved adapter records the id, not this machine's path
+    clip.name_or_path = recorded_name(clip.name_or_path)  # a saved adapter records the id, not this machine's path
     return clip

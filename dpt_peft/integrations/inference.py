@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor
 
 from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
-from ..toy.pretrain import resolve_model_path
+from ..sources import resolve
 
 logger = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
@@ -54,7 +54,7 @@ def image_processor_for(model) -> object:
     source = model.get_base_model().name_or_path
     if not source:
         raise ValueError("The base model has no name_or_path; pass processor= (its image processor) explicitly.")
-    return AutoImageProcessor.from_pretrained(resolve_model_path(source))
+    return AutoImageProcessor.from_pretrained(resolve(source))
 
 
 def load_image(item: ImageInput, index: int) -> tuple[str, Image.Image | torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from ..class_names import display_names
 from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
 from ..peft_model import DPTPeftModel
 from .auto import AutoDPTModel
@@ -31,8 +33,10 @@ from .inference import image_processor_for
 
 logger = logging.getLogger(__name__)
 TASK = "dpt-image-classification"
-# transformers' load_image waits forever on a URL by default; an unreachable host should fail, not hang.
-DEFAULT_URL_TIMEOUT = 10.0
+# An unreachable host, a trickling server or a huge body should fail, not hang or fill memory.
+DEFAULT_URL_TIMEOUT = 10.0  # seconds per network read
+DEFAULT_URL_DEADLINE = 60.0  # seconds for a whole download: a server trickling bytes cannot hold a call longer
+DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 2**20  # an image body larger than this is refused before it fills memory
 IGNORED_PIPELINE_ARGUMENTS = {"local_files_only"}  # left in the kwargs by transformers' pipeline() factory
 
 
@@ -45,8 +49,9 @@ class DPTImageClassificationPipeline(Pipeline):
     base model's config itself before calling the loader, so pass `model=AutoDPTModel.from_pretrained(adapter_dir)`.
 
     Call arguments:
-        images: a PIL image, a path, an http(s) URL (read with transformers' `load_image`, `timeout=` seconds, default
-            10), a preprocessed tensor `[3, H, W]`, or a list of these (then a list of results comes back).
+        images: a PIL image, a path, an http(s) URL (`timeout=` seconds per read, default 10; `download_deadline=`
+            seconds in all, default 60; `max_download_bytes=`, default 64 MiB), a preprocessed tensor `[3, H, W]`, or
+            a list of these (then a list of results comes back).
         top_k: keep the `top_k` best labels (default: all).
         candidate_labels: classify over these names for this call only (the adapter's learned context is applied to
             them); the adapter's own classes, config and weights are unchanged.
@@ -87,6 +92,20 @@ class DPTImageClassificationPipeline(Pipeline):
         super().__init__(model=model, image_processor=image_processor, **kwargs)
         self.model.eval()
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """The adapter (with its model card) and the image processor, loadable with
+        `pipeline("dpt-image-classification", model=AutoDPTModel.from_pretrained(save_directory))`.
+
+        No custom code is copied, unlike transformers' saver for registered pipelines (which cannot follow this
+        package's relative imports): `import dpt_peft` registers the pipeline, as it registers DPT with PEFT.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained writes into a directory.")
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(save_directory)
+
     # ------------------------------------------------------------------ parameters
     def _sanitize_parameters(
         self,
@@ -95,17 +114,26 @@ class DPTImageClassificationPipeline(Pipeline):
         task: str | None = None,
         hypothesis_template: str | None = None,
         timeout: float | None = None,
+        download_deadline: float | None = None,
+        max_download_bytes: int | None = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         unexpected = sorted(set(kwargs) - IGNORED_PIPELINE_ARGUMENTS)
         if unexpected:
             raise TypeError(
                 f"Unexpected argument(s) {unexpected} for the {TASK!r} pipeline; it takes top_k, candidate_labels, "
-                "task, hypothesis_template and timeout."
+                "task, hypothesis_template, timeout, download_deadline and max_download_bytes."
             )
         preprocess, forward, postprocess = {}, {}, {}
-        if timeout is not None:
-            preprocess["timeout"] = timeout
+        for name, value in (
+            ("timeout", timeout),
+            ("download_deadline", download_deadline),
+            ("max_download_bytes", max_download_bytes),
+        ):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"{name}={value!r} must be a positive number.")
+                preprocess[name] = value
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"top_k={top_k!r} must be a positive whole number.")
@@ -122,10 +150,17 @@ class DPTImageClassificationPipeline(Pipeline):
         return preprocess, forward, postprocess
 
     # ------------------------------------------------------------------ the three steps
-    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
+    def preprocess(
+        self,
+        image: Any,
+        timeout: float | None = None,
+        download_deadline: float | None = None,
+        max_download_bytes: int | None = None,
+    ) -> dict[str, torch.Tensor]:
         if isinstance(image, torch.Tensor):
             return {"pixel_values": _one_image_tensor(image)}
-        pixels = self.image_processor(images=[read_image(image, timeout)], return_tensors="pt")["pixel_values"]
+        picture = read_image(image, timeout, download_deadline, max_download_bytes)
+        pixels = self.image_processor(images=[picture], return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels}
 
     def _forward(
@@ -188,8 +223,14 @@ def register_pipeline() -> None:
 
 
 # ---------------------------------------------------------------------- inputs
-def read_image(source: Any, timeout: float | None = None) -> Image.Image:
-    """An RGB image from a PIL image, encoded bytes, a path, an http(s) URL or a `data:image/...` URI."""
+def read_image(
+    source: Any,
+    timeout: float | None = None,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
+) -> Image.Image:
+    """An RGB image from a PIL image, encoded bytes, a path, an http(s) URL or a `data:image/...` URI. A URL is read
+    with `timeout` seconds per read, `deadline` seconds in all and at most `max_bytes` (defaults above)."""
     if isinstance(source, (Image.Image, bytes)):
         return open_rgb(source)
     if not isinstance(source, (str, os.PathLike)):
@@ -199,25 +240,49 @@ def read_image(source: Any, timeout: float | None = None) -> Image.Image:
         )
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
-        return _download_image(text, DEFAULT_URL_TIMEOUT if timeout is None else timeout)
+        return _download_image(
+            text,
+            DEFAULT_URL_TIMEOUT if timeout is None else timeout,
+            DEFAULT_URL_DEADLINE if deadline is None else deadline,
+            DEFAULT_MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes,
+        )
     if os.path.isfile(text):
         try:
             return open_rgb(text)
         except UNREADABLE_IMAGE_ERRORS as err:
             raise ValueError(f"{text} is not a readable image ({err}).") from err
     if text.startswith("data:image/"):
-        return load_image(text)
+        return open_rgb(load_image(text))
     raise FileNotFoundError(f"{text} is not an image file, an http(s) URL or a data:image URI.")
 
 
-def _download_image(url: str, timeout: float) -> Image.Image:
+def _download_image(url: str, timeout: float, deadline: float, max_bytes: int) -> Image.Image:
+    """The image at `url`, streamed: refused past `max_bytes` or `deadline` seconds, decoded by the project's
+    decoder (as for paths)."""
+    start, size, chunks = time.monotonic(), 0, []
     try:
-        return load_image(url, timeout=timeout)
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(
+                        f"{url} sent more than {max_bytes} bytes, the download cap; pass max_download_bytes= to "
+                        "allow more, or download the image yourself."
+                    )
+                if time.monotonic() - start > deadline:
+                    raise TimeoutError(
+                        f"Downloading {url} took over {deadline:g} s (the download deadline; {size} bytes so far); "
+                        "pass download_deadline= to wait longer, or check the server."
+                    )
+                chunks.append(chunk)
     except httpx.HTTPError as err:
         raise ConnectionError(
             f"Could not download the image {url} ({type(err).__name__}: {err}). Check the URL and the network "
             "connection (offline?), or pass a local path or a PIL image."
         ) from err
+    try:
+        return open_rgb(b"".join(chunks))
     except UNREADABLE_IMAGE_ERRORS as err:
         raise ValueError(f"{url} did not return a readable image ({err}).") from err
 
@@ -241,4 +306,11 @@ def _checked_candidates(candidate_labels: Any) -> tuple[str, ...]:
         )
     if not candidate_labels:
         raise ValueError("candidate_labels is empty; give at least one class name.")
+    shown = display_names(list(candidate_labels))
+    repeated = [name for name, display in zip(candidate_labels, shown) if name != display]
+    if repeated:  # the answer is a score per label: a repeated label could not be told apart in it
+        raise ValueError(
+            f"candidate_labels: duplicate class names {repeated[:5]} (the same prompt, so the same score); give "
+            "each candidate once."
+        )
     return tuple(candidate_labels)

@@ -54,7 +54,8 @@ def class_aware_attention(
         output = model(pixel_values=pixel_values.to(device), task=task, attention_classes=[names.index(class_name)])
     attention = output.class_aware_attentions[layers.index(chosen)][0, 0].float()
     num_kv_tokens = model.peft_config[model.active_adapter].class_aware_num_kv_tokens
-    patches = attention[1 : attention.shape[0] - num_kv_tokens]  # CLS first, learned key/value tokens last
+    first_patch = model.base_model.backbone.num_prefix_tokens  # CLS (CLIP) first, learned key/value tokens last
+    patches = attention[first_patch : attention.shape[0] - num_kv_tokens]
     side = math.isqrt(patches.numel())
     return AttentionMap(class_name, chosen, (patches / patches.sum()).view(side, side).cpu())
 

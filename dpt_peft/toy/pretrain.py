@@ -1,8 +1,8 @@
 """Contrastive pre-training of the toy CLIP, and where its weights come from.
 
 The weights ship with the package (`dpt_peft/toy/assets/`, about 1.5 MB) so runs skip the ~3 minutes of
-pre-training; `python -m dpt_peft.toy.pretrain --output_dir DIR` rebuilds them deterministically, and
-`toy_clip_path()` rebuilds them into a cache if the shipped copy is missing.
+pre-training; `python -m dpt_peft.toy.pretrain --output_dir DIR` rebuilds them deterministically. Loading goes
+through `dpt_peft.sources`, which maps the id `dpt-peft/toy-clip` to the shipped copy and never pre-trains.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .tokenizer import build_clip_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 # What adapters trained on the toy CLIP record as their base model: a name, not this machine's install path.
-TOY_CLIP_ID = "dpt-peft/toy-clip"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -108,22 +107,6 @@ def pretrain(output_dir: str | os.PathLike, steps: int = 900, batch_size: int = 
     tokenizer.save_pretrained(output_dir)
     image_processor().save_pretrained(output_dir)
     return output_dir
-
-
-def toy_clip_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """Directory of the pre-trained toy CLIP: the shipped copy, else a cached one (built on first use)."""
-    if (ASSETS / "model.safetensors").exists():
-        return str(ASSETS)
-    cache = Path(cache_dir or os.environ.get("DPT_PEFT_CACHE", Path.home() / ".cache" / "dpt_peft")) / "toy_clip"
-    if not (cache / "model.safetensors").exists():
-        print(f"Pre-training the toy CLIP into {cache} (about 3 minutes on 2 CPU cores, once)...", flush=True)
-        pretrain(cache)
-    return str(cache)
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A model source to load from: the toy CLIP's id becomes its directory, anything else is returned as is."""
-    return toy_clip_path() if name_or_path == TOY_CLIP_ID else name_or_path
 
 
 def main() -> None:

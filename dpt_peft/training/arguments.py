@@ -1,23 +1,25 @@
-"""Command-line arguments of `examples/train.py`: the training recipe plus every DPTConfig field."""
+"""`TrainArguments`: every setting of a training run, checked when made; the narrow views the layers take
+(`data_spec`, `recipe`) and the DPTConfig values a run adds to the given ones (`config_overrides`). The command line
+that fills them is built from these fields in `dpt_peft/cli.py`."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..config import DPTConfig
 from ..data.catalog import COOP_DATASETS
-from .recipe import uses_guidance
+from ..data.spec import DataSpec
+from ..sources import is_shipped
+from .recipe import Recipe, guidance_epochs_for
 
 # Every DPTConfig field a user sets is a flag (they override the --method preset).
 CONFIG_FLAGS = tuple(DPTConfig.user_field_names())
-# DPTConfig values of the embedded toy tasks where the paper's do not fit: the toy CLIP's text context has
-# 16 positions, too few for 16 context tokens plus a class name.
+# DPTConfig values of the toy CLIP where the paper's do not fit (any dataset): its text context has 16 positions, too
+# few for 16 context tokens plus a class name.
 TOY_CONFIG_DEFAULTS = {"num_text_tokens": 4}
 # Arguments that may differ between a run and its resumption.
 RESUMABLE = (
@@ -31,7 +33,10 @@ RESUMABLE = (
     "verbose",
     "dataloader_num_workers",
     "gradient_checkpointing",
+    "eval_strategy",  # its effect is eval_every's
 )
+# A `datasets` object given as `dataset`: its name in metrics, reports and the model card.
+GIVEN_DATASET_NAME = "dataset"
 
 
 @dataclass
@@ -44,7 +49,8 @@ class TrainArguments:
     dataset: str = field(
         default="toy-position",
         metadata={
-            "help": "Hub dataset, local imagefolder, or a toy task: toy-position, toy-shape, toy-size, toy-colour."
+            "help": "Hub dataset, local imagefolder, or a toy task: toy-position, toy-shape, toy-size, toy-colour. "
+            "In Python also a datasets.Dataset or DatasetDict."
         },
     )
     data_root: str | None = field(
@@ -86,8 +92,14 @@ class TrainArguments:
     min_crop_scale: float = field(
         default=0.08, metadata={"help": "Smallest area fraction of the random resized crop (0.08 as in CoOp/DPT)."}
     )
-    epochs: int = field(default=60, metadata={"help": "Training epochs (60 in the DPT script)."})
-    batch_size: int = field(default=32, metadata={"help": "Images per step and process."})
+    epochs: int = field(
+        default=Recipe.epochs,
+        metadata={"help": "Training epochs (60 in the DPT script).", "aliases": ["--num_train_epochs"]},
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "Images per step and process.", "aliases": ["--per_device_train_batch_size"]},
+    )
     input_pipeline: Literal["auto", "pil", "decoded_cache"] = field(
         default="auto",
         metadata={
@@ -101,15 +113,17 @@ class TrainArguments:
         metadata={"help": "Worker processes of the decoding loaders (default: up to 8 on CUDA, 0 on CPU)."},
     )
     eval_batch_size: int = field(default=256, metadata={"help": "Images per evaluation batch."})
-    visual_lr: float = field(default=0.01, metadata={"help": "LR of visual prompts and CAVPT."})
-    text_lr: float = field(default=0.002, metadata={"help": "LR of the text context."})
+    visual_lr: float = field(default=Recipe.visual_lr, metadata={"help": "LR of visual prompts and CAVPT."})
+    text_lr: float = field(default=Recipe.text_lr, metadata={"help": "LR of the text context."})
     visual_warmup_epochs: int | None = field(
         default=None, metadata={"help": "Constant warm-up epochs of the visual group (default: 10; 1 on imagenet)."}
     )
-    text_warmup_epochs: int = field(default=1, metadata={"help": "Constant warm-up epochs of the text group."})
-    warmup_lr: float = field(default=1e-5, metadata={"help": "LR during the constant warm-up."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay."})
+    text_warmup_epochs: int = field(
+        default=Recipe.text_warmup_epochs, metadata={"help": "Constant warm-up epochs of the text group."}
+    )
+    warmup_lr: float = field(default=Recipe.warmup_lr, metadata={"help": "LR during the constant warm-up."})
+    momentum: float = field(default=Recipe.momentum, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=Recipe.weight_decay, metadata={"help": "SGD weight decay."})
     guidance_epochs: int | None = field(
         default=None,
         metadata={"help": "Epochs of general-knowledge guidance (default: half the epochs; 0 for coop and vpt)."},
@@ -127,13 +141,18 @@ class TrainArguments:
         default=None,
         metadata={"help": "Autocast precision; default: the launcher's (accelerate launch / config file), else 'no'."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of few-shot sampling, prompts and augmentation."})
+    seed: int = field(default=1, metadata={"help": "Seed of few-shot sampling, prompts and augmentation (CoOp: 1)."})
+    skip_missing_images: bool = field(
+        default=False, metadata={"help": "Leave out (and count) images a CoOp split lists but the disk lacks."}
+    )
     output_dir: str = field(default="outputs/dpt-toy", metadata={"help": "Adapter, metrics, plots, checkpoints."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a different run in output_dir."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint directory to continue from."}
     )
-    checkpoints_to_keep: int = field(default=2, metadata={"help": "Most recent epoch checkpoints kept on disk."})
+    checkpoints_to_keep: int = field(
+        default=2, metadata={"help": "Most recent epoch checkpoints kept on disk.", "aliases": ["--save_total_limit"]}
+    )
     prototype_method: Literal["kmeans", "random", "mean_pool"] = field(
         default="kmeans", metadata={"help": "How --visual_prompt_init prototype picks tokens (SPT)."}
     )
@@ -145,19 +164,38 @@ class TrainArguments:
             "only used for the final report."
         },
     )
+    eval_strategy: Literal["no", "epoch"] | None = field(
+        default=None, metadata={"help": "As TrainingArguments: 'epoch' is --eval_every 1, 'no' is --eval_every 0."}
+    )
     save_best: bool = field(
-        default=False, metadata={"help": "Keep the adapter of the best validation epoch in best_adapter/."}
+        default=False,
+        metadata={
+            "help": "As TrainingArguments' load_best_model_at_end: the final adapter/ and metrics.json are of the "
+            "best validation epoch (adapter_epoch); the last epoch is kept in last_adapter/ when it differs.",
+            "aliases": ["--load_best_model_at_end"],
+        },
     )
     verbose: bool = field(default=False, metadata={"help": "Log INFO messages (default: warnings and a progress bar)."})
-    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker, or 'none'."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Accelerate trackers (tensorboard, wandb, ...; a list or comma-separated), or 'none'."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final adapter to the Hub."})
     base_model_id: str | None = field(
         default=None,
         metadata={"help": "Hub id of the base CLIP for the model card, when --model_name_or_path is a local copy."},
     )
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id for --push_to_hub (default: the --output_dir folder's name)."}
+    )
 
     def __post_init__(self) -> None:
+        self._take_dataset_object()
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        self.report_to = [name.strip() for entry in self.report_to for name in entry.split(",") if name.strip()]
+        if self.eval_strategy is not None:
+            self.eval_every = 1 if self.eval_strategy == "epoch" else 0
         if self.augment is None:
             self.augment = not self.is_toy_task
         for name in (
@@ -178,7 +216,10 @@ class TrainArguments:
         if self.eval_every < 0:
             raise ValueError(f"--eval_every {self.eval_every} must be 0 (off) or a number of epochs.")
         if self.save_best and not self.eval_every:
-            raise ValueError("--save_best needs validation: pass --eval_every N (e.g. 1).")
+            raise ValueError(
+                "--save_best needs validation: pass --eval_every N (e.g. 1) or --eval_strategy epoch "
+                "(--load_best_model_at_end is --save_best)."
+            )
         for name in ("visual_warmup_epochs", "text_warmup_epochs", "guidance_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} {getattr(self, name)} must be 0 or more epochs.")
@@ -194,8 +235,30 @@ class TrainArguments:
             )
         if self.split_file and len(self.datasets) > 1:
             raise ValueError("--split_file holds one dataset's split; it cannot be combined with several --tasks.")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/dpt-adapter).")
+
+    def _take_dataset_object(self) -> None:
+        """`dataset=` a `datasets.Dataset` (its train split) or `DatasetDict`: kept aside as the run's only task,
+        named `GIVEN_DATASET_NAME`; anything but these and a name is refused here, not deep in the data layer."""
+        from datasets import Dataset, DatasetDict
+
+        given = self.dataset
+        if isinstance(given, str):
+            self.given_dataset = getattr(self, "given_dataset", None) if given == GIVEN_DATASET_NAME else None
+            return
+        if not isinstance(given, (Dataset, DatasetDict)):
+            raise TypeError(
+                f"dataset={type(given).__name__}: give a dataset name or folder (str), a datasets.Dataset (used as "
+                "the train split) or a datasets.DatasetDict."
+            )
+        if self.tasks:
+            raise ValueError("A datasets object as dataset= is one task; it cannot be combined with --tasks.")
+        self.given_dataset = DatasetDict({self.train_split: given}) if isinstance(given, Dataset) else given
+        self.dataset = GIVEN_DATASET_NAME
+
+    @property
+    def hub_repo_id(self) -> str:
+        """--hub_model_id, else the output folder's name (as transformers' Trainer)."""
+        return self.hub_model_id or Path(self.output_dir).resolve().name
 
     @property
     def datasets(self) -> list[str]:
@@ -207,11 +270,16 @@ class TrainArguments:
         return all(d.startswith("toy-") for d in self.datasets)
 
     @property
+    def is_toy_model(self) -> bool:
+        """The base is a shipped toy model (default: the toy CLIP), whose text context has 16 positions."""
+        return self.model_name_or_path is None or is_shipped(self.model_name_or_path)
+
+    @property
     def resolved_guidance_epochs(self) -> int:
         """Half the epochs for the methods the reference trains with guidance (`recipe.uses_guidance`), else 0."""
         if self.guidance_epochs is not None:
             return self.guidance_epochs
-        return self.epochs // 2 if uses_guidance(self.method) else 0
+        return guidance_epochs_for(self.method, self.epochs)
 
     @property
     def resolved_visual_warmup_epochs(self) -> int:
@@ -219,65 +287,55 @@ class TrainArguments:
         if self.visual_warmup_epochs is not None:
             return self.visual_warmup_epochs
         specs = [COOP_DATASETS[name] for name in self.datasets if name in COOP_DATASETS]
-        return min((s.visual_warmup_epochs for s in specs if s.visual_warmup_epochs is not None), default=10)
+        default = Recipe.visual_warmup_epochs
+        return min((s.visual_warmup_epochs for s in specs if s.visual_warmup_epochs is not None), default=default)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The optimizer, schedule and guidance settings, resolved."""
+        return Recipe(
+            visual_lr=self.visual_lr,
+            text_lr=self.text_lr,
+            visual_warmup_epochs=self.resolved_visual_warmup_epochs,
+            text_warmup_epochs=self.text_warmup_epochs,
+            warmup_lr=self.warmup_lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            epochs=self.epochs,
+            guidance_epochs=self.resolved_guidance_epochs,
+        )
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """What the data layer reads."""
+        return DataSpec(
+            datasets=tuple(self.datasets),
+            data_root=self.data_root,
+            split_file=self.split_file,
+            subsample_classes=self.subsample_classes,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            class_names_file=self.class_names_file,
+            train_split=self.train_split,
+            test_split=self.test_split,
+            shots=self.shots,
+            seed=self.seed,
+            eval_every=self.eval_every,
+            skip_missing_images=self.skip_missing_images,
+            given={GIVEN_DATASET_NAME: self.given_dataset} if self.given_dataset is not None else {},
+        )
+
+    def config_overrides(self, given: dict) -> dict:
+        """The DPTConfig values of this run: `given` (explicit flags), plus the toy CLIP's settings and the
+        reference's zero-shot template of a CoOp dataset unless given."""
+        overrides = {**TOY_CONFIG_DEFAULTS, **given} if self.is_toy_model else dict(given)
+        templates = {COOP_DATASETS[name].template for name in self.datasets if name in COOP_DATASETS}
+        if len(templates) == 1 and "zero_shot_template" not in overrides:
+            overrides["zero_shot_template"] = templates.pop()
+        return overrides
 
     def run_identity(self, config: DPTConfig) -> dict:
         """What defines a run: resuming or re-using an output dir requires the same values."""
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE}
         identity["dpt_config"] = {k: getattr(config, k) for k in ("class_names", *CONFIG_FLAGS)}
         return identity
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint, default) -> None:
-    options: dict = {"default": default, "help": f.metadata.get("help")}
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        options["choices"] = list(args)
-    elif origin is list:
-        options.update(nargs="+", type=args[0])
-    elif hint is bool:
-        options.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-    else:
-        options["type"] = hint
-    parser.add_argument(f"--{f.name}", **options)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a DPT adapter on a frozen CLIP (defaults: the embedded toy task).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    hints = typing.get_type_hints(TrainArguments)
-    for f in dataclasses.fields(TrainArguments):
-        _add_field(parser, f, hints[f.name], f.default)
-    group = parser.add_argument_group("DPTConfig (override the --method preset)")
-    config_hints = typing.get_type_hints(DPTConfig)
-    config_fields = {f.name: f for f in dataclasses.fields(DPTConfig)}
-    for name in CONFIG_FLAGS:
-        _add_field(group, config_fields[name], config_hints[name], None)
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[TrainArguments, dict]:
-    """Training arguments, and the DPTConfig values given explicitly on the command line."""
-    namespace = vars(build_parser().parse_args(argv))
-    given = {k: namespace.pop(k) for k in CONFIG_FLAGS}
-    config_overrides = {k: v for k, v in given.items() if v is not None}
-    args = TrainArguments(**namespace)
-    if args.is_toy_task:
-        config_overrides = {**TOY_CONFIG_DEFAULTS, **config_overrides}
-    templates = {COOP_DATASETS[name].template for name in args.datasets if name in COOP_DATASETS}
-    if len(templates) == 1 and "zero_shot_template" not in config_overrides:
-        config_overrides["zero_shot_template"] = templates.pop()  # the reference's template for this dataset
-    return args, config_overrides

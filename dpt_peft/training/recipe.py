@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from ..layer import ParameterKind
-
-if TYPE_CHECKING:
-    from .arguments import TrainArguments
 
 VISUAL_GROUP, TEXT_GROUP = "visual", "text"
 GROUP_OF_KIND = {
@@ -24,6 +21,43 @@ GROUP_OF_KIND = {
     ParameterKind.CLASS_AWARE: VISUAL_GROUP,
     ParameterKind.TEXT_CONTEXT: TEXT_GROUP,
 }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The optimization settings of a run, resolved (defaults: the paper's, for DPT over 60 epochs)."""
+
+    visual_lr: float = 0.01  # visual prompts and CAVPT
+    text_lr: float = 0.002  # the text context
+    visual_warmup_epochs: int = 10  # 1 on ImageNet (the catalog's per-dataset value)
+    text_warmup_epochs: int = 1
+    warmup_lr: float = 1e-5  # during the constant warm-up
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 60
+    guidance_epochs: int = 30  # general-knowledge guidance first (`guidance_epochs_for`)
+
+    @classmethod
+    def for_method(cls, method: str = "dpt", epochs: int | None = None, **settings) -> Recipe:
+        """The paper's recipe for `method` over `epochs` (default 60), with guidance as the reference trainers have
+        it; `settings` replace any other value."""
+        epochs = cls.epochs if epochs is None else epochs
+        settings.setdefault("guidance_epochs", guidance_epochs_for(method, epochs))
+        return cls(epochs=epochs, **settings)
+
+    def guidance(self, epoch: int) -> bool:
+        """Whether the guidance loss applies in `epoch` (0-based)."""
+        return epoch < self.guidance_epochs
+
+
+def uses_guidance(method: str) -> bool:
+    """The reference CoOp and VPT trainers train with plain cross-entropy; VPT+CoOp and DPT start with guidance."""
+    return method not in ("coop", "vpt")
+
+
+def guidance_epochs_for(method: str, epochs: int) -> int:
+    """Half the epochs for the methods the reference trains with guidance, else 0."""
+    return epochs // 2 if uses_guidance(method) else 0
 
 
 def recipe_lr_factor(
@@ -42,11 +76,6 @@ def recipe_lr_factor(
     return factor
 
 
-def uses_guidance(method: str) -> bool:
-    """The reference CoOp and VPT trainers train with plain cross-entropy; VPT+CoOp and DPT start with guidance."""
-    return method not in ("coop", "vpt")
-
-
 def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
     """Trainable prompt parameters of the active adapter by optimizer group, from their kinds."""
     groups: dict[str, list[torch.nn.Parameter]] = {VISUAL_GROUP: [], TEXT_GROUP: []}
@@ -62,12 +91,12 @@ def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
-def build_optimizer(model, args: TrainArguments) -> torch.optim.SGD:
+def build_optimizer(model, recipe: Recipe) -> torch.optim.SGD:
     """SGD with two groups: visual prompts + CAVPT (first), and the text context."""
     groups = parameter_groups(model)
     settings = {
-        VISUAL_GROUP: (args.visual_lr, args.resolved_visual_warmup_epochs),
-        TEXT_GROUP: (args.text_lr, args.text_warmup_epochs),
+        VISUAL_GROUP: (recipe.visual_lr, recipe.visual_warmup_epochs),
+        TEXT_GROUP: (recipe.text_lr, recipe.text_warmup_epochs),
     }
     return torch.optim.SGD(
         [
@@ -75,16 +104,17 @@ def build_optimizer(model, args: TrainArguments) -> torch.optim.SGD:
             for name, params in groups.items()
             if params
         ],
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
     )
 
 
 def build_scheduler(
-    optimizer: torch.optim.SGD, args: TrainArguments, steps_per_epoch: int
+    optimizer: torch.optim.SGD, recipe: Recipe, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Each group's warm-up then restarted cosine (`recipe_lr_factor`), stepped once per optimizer update."""
     factors = [
-        recipe_lr_factor(group["lr"], group["warmup_epochs"], args.warmup_lr, args.epochs, steps_per_epoch)
+        recipe_lr_factor(group["lr"], group["warmup_epochs"], recipe.warmup_lr, recipe.epochs, steps_per_epoch)
         for group in optimizer.param_groups
     ]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..integrations.visualize import AttentionMap
+
+class ClassAttention(Protocol):
+    """One class's attention over the patch grid, as `integrations.visualize.AttentionMap` holds it (utils, a leaf,
+    imports nothing above it)."""
+
+    class_name: str
+    layer: int
+    weights: torch.Tensor  # [grid_h, grid_w]
 
 
 def _pyplot():
@@ -91,10 +99,11 @@ def plot_ablation(results: dict[str, list[float]], labels: dict[str, str], path:
 
 
 def plot_accuracy_against_shots(rows: list[dict], path: str) -> None:
-    """The paper's few-shot figure: per dataset, mean test accuracy against shots, one line per method (error bars:
-    std over seeds), zero-shot CLIP dashed."""
+    """The paper's few-shot figure: per dataset, in the order of `rows` (the papers', the average last), mean test
+    accuracy against shots, one line per method (error bars: std over seeds, none for the average), zero-shot CLIP
+    dashed."""
     plt = _pyplot()
-    datasets = sorted({r["dataset"] for r in rows})
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     columns = min(4, len(datasets))
     figure, axes = plt.subplots(
         math.ceil(len(datasets) / columns),
@@ -110,13 +119,18 @@ def plot_accuracy_against_shots(rows: list[dict], path: str) -> None:
             )
             shots, means, stds = zip(*points)
             axis.errorbar(
-                shots, [100 * m for m in means], yerr=[100 * s for s in stds], marker="o", capsize=3, label=method
+                shots,
+                [100 * m for m in means],
+                yerr=[100 * (s or 0.0) for s in stds],
+                marker="o",
+                capsize=3,
+                label=method,
             )
         zero_shot = [r["mean"] for r in mine if r["metric"] == "zero_shot_accuracy"]
         if zero_shot:
             axis.axhline(100 * statistics.mean(zero_shot), color="0.5", linestyle="--", label="zero-shot")
         axis.set_xscale("log", base=2)
-        axis.set_title(dataset, fontsize=9)
+        axis.set_title(f"average over {len(datasets) - 1} datasets" if dataset == "average" else dataset, fontsize=9)
         axis.set_xlabel("shots per class")
         axis.set_ylabel("accuracy (%)")
     for axis in list(axes.flat)[len(datasets) :]:
@@ -127,7 +141,7 @@ def plot_accuracy_against_shots(rows: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-def save_attention_figure(image: Image.Image, maps: list[AttentionMap], path: str, title: str = "") -> None:
+def save_attention_figure(image: Image.Image, maps: list[ClassAttention], path: str, title: str = "") -> None:
     """The image, then each class's attention upsampled onto it, side by side."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 2.9))

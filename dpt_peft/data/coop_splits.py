@@ -1,0 +1,231 @@
+"""CoOp's few-shot sets (drawn as Dassl draws them) and their JSON split files, and CoCoOp's base/new class halves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from pathlib import PurePosixPath
+from typing import Literal
+
+from datasets import ClassLabel, Dataset, DatasetDict
+
+from ..utils.write_policy import atomic_write_bytes
+from .catalog import COOP_DATASETS, MAX_VAL_SHOTS, CoopDatasetSpec, dataset_spec
+from .coop_readers import prompt_class_names, read_json, with_prompt_class_names
+from .few_shot import few_shot_split
+
+Subsample = Literal["all", "base", "new"]
+SPLIT_FILE_FORMAT = "dpt_peft/coop-few-shot-split/1"
+
+
+def coop_few_shot_split(dataset_dict: DatasetDict, shots: int, seed: int) -> dict[str, list[int]]:
+    """Row indices of a CoOp few-shot set: `shots` images per class from "train", min(shots, 4) from "val".
+
+    Follows Dassl's `generate_fewshot_dataset` (called by CoOp with repeat=False): classes in order of first
+    appearance, `random.sample` of each class's images in dataset order, train drawn before val from one generator
+    seeded with `seed`, as CoOp's `random.seed(cfg.SEED)` leaves it. A class with fewer images than needed is NOT an
+    error there: all its images are kept (a warning names the class). When "val" holds the test images (ImageNet,
+    whose val is its test set) CoOp leaves it whole, and so does this: only "train" is returned then. "test" is never
+    subsampled.
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1, got {shots}; use the whole dataset instead of a few-shot split.")
+    if "train" not in dataset_dict:
+        raise ValueError(f"A few-shot split needs a 'train' split; this dataset only has {list(dataset_dict)}.")
+    rng = random.Random(seed)
+    indices = {"train": _dassl_draw(dataset_dict["train"], shots, rng)}
+    if "val" in dataset_dict and not _is_test_set(dataset_dict, "val"):
+        indices["val"] = _dassl_draw(dataset_dict["val"], min(shots, MAX_VAL_SHOTS), rng)
+    return indices
+
+
+def _dassl_draw(dataset: Dataset, shots: int, rng: random.Random) -> list[int]:
+    class_names = dataset.features["label"].names
+    return few_shot_split(_labels(dataset), shots, rng, class_names, short_classes="keep", split=dataset.split)
+
+
+def _is_test_set(dataset_dict: DatasetDict, split: str) -> bool:
+    """Whether a split holds exactly the test images, as CoOp's ImageNet "val" does."""
+    if "test" not in dataset_dict or len(dataset_dict[split]) != len(dataset_dict["test"]):
+        return False
+    return dataset_dict[split].with_format("arrow")["image"].equals(dataset_dict["test"].with_format("arrow")["image"])
+
+
+def _labels(dataset: Dataset) -> list[int]:
+    return dataset.with_format("arrow")["label"].to_pylist()
+
+
+def _image_paths(dataset: Dataset) -> list[str | None]:
+    return dataset.with_format("arrow")["image"].combine_chunks().field("path").to_pylist()
+
+
+def apply_split(dataset_dict: DatasetDict, indices: dict[str, list[int]]) -> DatasetDict:
+    """The rows `indices` names of each split it names (in that order); other splits, such as "test", untouched."""
+    unknown = sorted(set(indices) - set(dataset_dict))
+    if unknown:
+        raise ValueError(f"The split names {unknown} are not in this dataset, whose splits are {list(dataset_dict)}.")
+    return DatasetDict(
+        {
+            split: dataset.select(indices[split]) if split in indices else dataset
+            for split, dataset in dataset_dict.items()
+        }
+    )
+
+
+def save_split_file(
+    path: str | os.PathLike, dataset_dict: DatasetDict, indices: dict[str, list[int]], **provenance: object
+) -> None:
+    """Write a few-shot split as JSON (never pickle, unlike CoOp's split_fewshot/*.pkl) that another machine can load.
+
+    Each chosen image is stored as [path relative to the dataset folder with "/" separators, label], so the file does
+    not depend on where the data lives. `provenance` (such as shots and seed) is stored with the dataset name.
+    """
+    name = _coop_name(dataset_dict)
+    if provenance.setdefault("dataset", name) != name:
+        raise ValueError(f"provenance names dataset {provenance['dataset']!r} but the splits are from {name!r}.")
+    spec = dataset_spec(name)
+    chosen = apply_split(dataset_dict, indices)
+    splits = {}
+    for split in indices:
+        relative = [_relative_path(image_path, spec) for image_path in _image_paths(chosen[split])]
+        splits[split] = [[image_path, label] for image_path, label in zip(relative, _labels(chosen[split]))]
+    content = {"format": SPLIT_FILE_FORMAT, "provenance": provenance, "splits": splits}
+    atomic_write_bytes(path, json.dumps(content, indent=1).encode("utf-8"))
+
+
+def load_split_file(
+    path: str | os.PathLike, dataset_dict: DatasetDict, shots: int | None = None
+) -> dict[str, list[int]]:
+    """The row indices, in this copy of the dataset, of the images a `save_split_file` file lists.
+
+    Fails naming the file when it is not such a file, was made from another dataset, lists an image this copy lacks,
+    or gives an image another label (a different split file or class order); also, before anything is written,
+    when a list is empty, repeats an image, names a path outside the dataset folder, or (train) leaves a class
+    without its `shots` images (fewer only where the class has fewer) or gives it more.
+    """
+    content = read_json(os.fspath(path))
+    if not (
+        isinstance(content, dict)
+        and content.get("format") == SPLIT_FILE_FORMAT
+        and isinstance(content.get("provenance"), dict)
+        and isinstance(content.get("splits"), dict)
+    ):
+        raise ValueError(f"{path} is not a few-shot split file written by save_split_file ({SPLIT_FILE_FORMAT}).")
+    name = _coop_name(dataset_dict)
+    if content["provenance"].get("dataset") != name:
+        raise ValueError(f"{path} is a split of {content['provenance'].get('dataset')!r}, not of {name!r}.")
+    spec = dataset_spec(name)
+    indices = {}
+    for split, rows in content["splits"].items():
+        if split not in dataset_dict:
+            raise ValueError(f"{path} lists a {split!r} split, which the {name} dataset does not have.")
+        if not isinstance(rows, list) or not all(
+            isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and type(row[1]) is int for row in rows
+        ):
+            raise ValueError(f"{path}: {split!r} must be a list of [image path, label] rows.")
+        _check_rows(path, split, rows)
+        dataset = dataset_dict[split]
+        row_of: dict[str, int] = {}
+        for row, image_path in enumerate(_image_paths(dataset)):
+            row_of.setdefault(_relative_path(image_path, spec), row)
+        labels = _labels(dataset)
+        indices[split] = []
+        for image_path, label in rows:
+            if image_path not in row_of:
+                raise ValueError(f"{path} lists {split} image {image_path!r}, which is not in this {name} dataset.")
+            row = row_of[image_path]
+            if labels[row] != label:
+                raise ValueError(
+                    f"{path} gives {split} image {image_path!r} label {label}, but this {name} dataset gives it "
+                    f"{labels[row]}."
+                )
+            indices[split].append(row)
+    if "train" not in indices:
+        raise ValueError(f"{path} has no 'train' list; write it with save_split_file (a run's splits/*.json).")
+    _check_shots(path, _labels(dataset_dict["train"]), [label for _, label in content["splits"]["train"]], shots)
+    return indices
+
+
+def _check_rows(path: str | os.PathLike, split: str, rows: list[list]) -> None:
+    """A split file's list: not empty, no image twice, every path relative and inside the dataset folder."""
+    if not rows:
+        raise ValueError(f"{path}: the {split!r} list is empty; a split file lists at least one image per class.")
+    seen: set[str] = set()
+    for image_path, _ in rows:
+        parts = PurePosixPath(image_path).parts
+        if not parts or image_path.startswith(("/", "\\")) or ".." in parts or os.path.isabs(image_path):
+            raise ValueError(
+                f"{path}: {split} image {image_path!r} is not a path inside the dataset folder (relative, no '..'); "
+                "use a split file written by save_split_file."
+            )
+        if image_path in seen:
+            raise ValueError(f"{path}: {split} image {image_path!r} is listed twice; each image is listed once.")
+        seen.add(image_path)
+
+
+def _check_shots(path: str | os.PathLike, dataset_labels: list[int], labels: list[int], shots: int | None) -> None:
+    """Every class of the dataset has `shots` training images in the file (all it has, when fewer), at least one."""
+    available = Counter(dataset_labels)
+    listed = Counter(labels)
+    for label in sorted(available):
+        expected = min(shots, available[label]) if shots else None
+        if listed[label] == 0 or (expected is not None and listed[label] != expected):
+            wanted = f"--shots {shots}" if shots else "at least one"
+            raise ValueError(
+                f"{path}: class {label} has {listed[label]} training images in the file, not {wanted}; use the split "
+                "file of a run with these --shots (its splits/*.json), or draw the split again without --split_file."
+            )
+
+
+def _coop_name(dataset_dict: DatasetDict) -> str:
+    """The CoOp name `load_coop_dataset` records in each split's info (needed to place paths in the dataset folder)."""
+    names = {dataset.info.dataset_name for dataset in dataset_dict.values()}
+    if len(names) != 1 or not names <= set(COOP_DATASETS):
+        raise ValueError(
+            f"Expected a DatasetDict from load_coop_dataset; its splits are from {sorted(map(str, names))}."
+        )
+    return names.pop()
+
+
+def _relative_path(image_path: str | None, spec: CoopDatasetSpec) -> str:
+    """An image's path relative to its dataset folder: what follows the last `<directory>/<image dir>/` in it."""
+    marker = os.sep + os.path.join(spec.directory, spec.image_dir).rstrip(os.sep) + os.sep
+    if image_path is not None and (start := image_path.rfind(marker)) >= 0:
+        return image_path[start + len(os.sep) + len(spec.directory) + len(os.sep) :].replace(os.sep, "/")
+    raise ValueError(f"Image {image_path!r} is not inside a {marker!r} folder of the {spec.name} dataset.")
+
+
+def subsample_classes(dataset_dict: DatasetDict, which: Subsample) -> DatasetDict:
+    """CoCoOp's base-to-new split of every split: the first ceil(n/2) labels are "base", the rest "new".
+
+    "new" classes are relabelled from 0 and each ClassLabel keeps only the chosen names; "all" returns the dataset
+    unchanged. n is the ClassLabel's size; CoOp counts the labels present in train, the same for its 11 datasets.
+    """
+    if which not in ("all", "base", "new"):
+        raise ValueError(f"which must be 'all', 'base' or 'new', got {which!r}.")
+    if which == "all":
+        return dataset_dict
+    names = {tuple(dataset.features["label"].names) for dataset in dataset_dict.values()}
+    if len(names) != 1:
+        raise ValueError("The splits have different class names; subsample_classes needs one ClassLabel for all.")
+    class_names = list(names.pop())
+    half = math.ceil(len(class_names) / 2)
+    first, stop = (0, half) if which == "base" else (half, len(class_names))
+    return DatasetDict({split: _keep_labels(dataset, first, stop) for split, dataset in dataset_dict.items()})
+
+
+def _keep_labels(dataset: Dataset, first: int, stop: int) -> Dataset:
+    """The rows with labels first..stop-1, relabelled from 0, with the same info and a ClassLabel of those names."""
+    labels = _labels(dataset)
+    rows = [row for row, label in enumerate(labels) if first <= label < stop]
+    table = dataset.select(rows).with_format("arrow")[:]
+    features = dataset.features.copy()
+    features["label"] = ClassLabel(names=dataset.features["label"].names[first:stop])
+    info = with_prompt_class_names(dataset.info.copy(), prompt_class_names(dataset)[first:stop])
+    info.features = features
+    columns = {column: table[column] for column in table.column_names}
+    columns["label"] = [labels[row] - first for row in rows]
+    return Dataset.from_dict(columns, info=info, split=dataset.split)

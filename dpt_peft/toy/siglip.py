@@ -1,0 +1,157 @@
+"""The toy SigLIP: the toy CLIP's world (`shapes.py`) learned with SigLIP's sigmoid loss, shipped like the toy CLIP.
+
+The weights ship in `siglip_assets/` (id `dpt-peft/toy-siglip`); `python -m dpt_peft.toy.siglip --output_dir DIR`
+rebuilds them deterministically (500 steps of 128 pairs: 28 minutes on 2 shared CPU cores). The tokenizer is a
+real `tokenizers` model saved as tokenizer.json, framed as SiglipTokenizer frames text (no start token, `</s>` after,
+padded with `</s>` to the context), so it loads offline with AutoTokenizer and without `sentencepiece`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import string
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+from .shapes import IMAGE_SIZE, VOCABULARY, captions, render
+
+SIGLIP_ASSETS = Path(__file__).parent / "siglip_assets"
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+TEXT_CONTEXT = 16  # SigLIP's is 64; the toy's captions and prompts are short
+PAD, END, UNKNOWN = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in SigLIP's SentencePiece vocabulary
+
+
+def build_siglip_tokenizer(words: list[str], pad_token: str = END) -> PreTrainedTokenizerFast:
+    """Lower-casing BPE tokenizer whose vocabulary is ASCII characters plus `words` as whole tokens; `</s>` ends every
+    text and `pad_token` (SigLIP's `</s>` by default) pads it. Punctuation splits off, so "cat." is "cat" + "." and
+    a prompt tokenizes as the concatenation of its parts (exact CoOp layouts)."""
+    bpe = Tokenizer(models.BPE(unk_token=UNKNOWN))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=sorted(set(string.ascii_lowercase + string.digits + string.punctuation)),
+        special_tokens=[PAD, END, UNKNOWN],
+    )
+    bpe.train_from_iterator(list(dict.fromkeys(w.lower() for w in words)), trainer=trainer)
+    end_id = bpe.token_to_id(END)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"$A {END}", pair=f"$A {END} $B {END}", special_tokens=[(END, end_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=END, pad_token=pad_token, unk_token=UNKNOWN, model_max_length=TEXT_CONTEXT
+    )
+
+
+def toy_siglip_config(tokenizer: PreTrainedTokenizerFast) -> SiglipConfig:
+    """The toy CLIP's widths and depths (vision 32 px, patch 8, width 64, 4 layers; text width 64, 3 layers) with
+    SigLIP's towers: no CLS, an attention-pooling head, a bidirectional text tower pooled at its last position."""
+    return SiglipConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_CONTEXT,
+            projection_size=64,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        ),
+    )
+
+
+def siglip_image_processor():
+    """SigLIP's preprocessing of the 32 px toy images (resize to 32 x 32, mean and std 0.5), written as a CLIP image
+    processor (resize the short side, centre crop: the same on square images) because that is the processor the
+    training CLI reads its crop size from."""
+    from transformers import CLIPImageProcessor  # imported here: without torchvision it logs a fallback notice
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=2,  # bilinear, as SiglipImageProcessor
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+    )
+
+
+def to_pixel_values(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalized float [B, 3, H, W], as `siglip_image_processor` gives."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - torch.tensor(SIGLIP_MEAN)[:, None, None]) / torch.tensor(SIGLIP_STD)[:, None, None]
+
+
+def sigmoid_loss(logits: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (summed over pairs, averaged over images); identical captions are positives."""
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=logits.dtype)
+    return -F.logsigmoid((2 * same - 1) * logits).sum(dim=1).mean()
+
+
+def pretrain_siglip(output_dir: str | os.PathLike, steps: int = 500, batch_size: int = 128, seed: int = 0) -> Path:
+    """Pre-train the toy SigLIP (the toy CLIP's recipe, sigmoid loss, SigLIP's `t = 10`, `b = -10` start) and save
+    model, tokenizer and image processor to `output_dir`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tokenizer = build_siglip_tokenizer(VOCABULARY)
+    model = SiglipModel(toy_siglip_config(tokenizer))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    warmup = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
+    )
+    start = time.time()
+    for step in range(steps):
+        batch = render(rng, batch_size)
+        texts = captions(batch, rng)
+        input_ids = tokenizer(texts, padding="max_length", max_length=TEXT_CONTEXT, return_tensors="pt")["input_ids"]
+        output = model(input_ids=input_ids, pixel_values=to_pixel_values(batch.images))
+        loss = sigmoid_loss(output.logits_per_image, texts)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    siglip_image_processor().save_pretrained(output_dir)
+    return output_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Pre-train the toy SigLIP on synthetic shapes.")
+    parser.add_argument("--output_dir", default=str(SIGLIP_ASSETS))
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pretrain_siglip(args.output_dir, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

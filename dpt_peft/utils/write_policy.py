@@ -1,0 +1,275 @@
+"""The one write policy of every command (docs/reliability.md): a file is created new, or replaced only when
+dpt_peft wrote it, as recorded with its sha256 in the manifest of the folder it was written to; everything is
+written atomically (temporary file, fsync, `os.replace`); `--overwrite_output_dir` removes only recorded files.
+
+Also the refusal type of the CLI: `UserInputError` (one line: what, why, the fix) and `run_command`, which prints
+a refusal as that line and exits 2. This module imports nothing of dpt_peft, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FILE = ".dpt_peft_written.json"
+MANIFEST_FORMAT = "dpt_peft-written-files"
+WHOLE_DIR = "*"  # a manifest value: everything under this folder is dpt_peft's (a half-written checkpoint, logs)
+
+
+class UserInputError(ValueError):
+    """A refusal of the user's input or environment, with a message that says what, why and the fix."""
+
+
+class OutputRefused(UserInputError):
+    """Writing where asked would replace or delete something dpt_peft did not write, or cannot succeed."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename) to disk where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` then fsync and rename over `path`: a reader sees the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda temporary: temporary.write_bytes(data))
+
+
+def check_writable_dir(directory: str | os.PathLike, flag: str) -> None:
+    """Before any work: `directory` is (or can be made) a folder this process can create files in."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputRefused(f"{flag} {directory} is a file, not a folder; choose another {flag}.")
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputRefused(f"{flag} {directory}: {existing} is a file, so the folder cannot be made; choose another.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dpt_peft_probe.", dir=existing)
+    except OSError as err:
+        raise OutputRefused(
+            f"{flag} {directory} cannot be written ({existing}: {err.strerror or err}); choose a writable {flag}."
+        ) from err
+    os.close(fd)
+    os.unlink(probe)
+
+
+class OutputFolder:
+    """A folder dpt_peft writes into, with its manifest (`MANIFEST_FILE`: relative path -> sha256)."""
+
+    def __init__(self, root: str | os.PathLike, flag: str = "--output_dir"):
+        self.root, self.flag = Path(root), flag
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    def manifest(self) -> dict[str, str]:
+        return _read_manifest(self.manifest_path)
+
+    def owns(self, relative: str) -> bool:
+        """True when `relative` is recorded in this folder's (or a nested folder's) manifest, unchanged since."""
+        return _owned(self.root, Path(relative))
+
+    def recorded(self, relative: str) -> bool:
+        """True when this folder's manifest lists `relative`, whatever its content now (a file of ours damaged since,
+        e.g. by a full disk, that may be redone)."""
+        return Path(relative).as_posix() in self.manifest()
+
+    def check(self, names: Iterable[str], overwrite_flag: str | None = None, overwrite: bool = False) -> None:
+        """Before any work: the folder is writable and no `names` exists that dpt_peft did not write (unless
+        `overwrite`, given by `overwrite_flag`)."""
+        check_writable_dir(self.root, self.flag)
+        for name in names:
+            path = self.root / name
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise OutputRefused(
+                    f"{path} exists and is not a file dpt_peft wrote; move it, or choose another {self.flag}."
+                )
+            if path.exists() and not overwrite and not self.owns(name):
+                allow = f", or pass {overwrite_flag} to replace it" if overwrite_flag else ""
+                raise OutputRefused(
+                    f"{path} exists and dpt_peft did not write it (it is not in {self.manifest_path.name} with this "
+                    f"content), so it is never replaced: move it, choose another {self.flag}{allow}."
+                )
+
+    def write(self, relative: str, write: Callable[[Path], None]) -> Path:
+        """Write `relative` atomically with `write(temporary_path)` and record it."""
+        path = self.root / relative
+        atomic_write(path, write)
+        self.record([relative])
+        return path
+
+    def write_bytes(self, relative: str, data: bytes) -> Path:
+        return self.write(relative, lambda temporary: temporary.write_bytes(data))
+
+    def write_text(self, relative: str, text: str) -> Path:
+        return self.write_bytes(relative, text.encode("utf-8"))
+
+    def write_json(self, relative: str, value: Any) -> Path:
+        return self.write_text(relative, json.dumps(value, indent=2))
+
+    def record(self, relatives: Iterable[str]) -> None:
+        """Record files (written here, or by a library such as `save_pretrained`) as dpt_peft's, with their hash."""
+        entries = self.manifest()
+        for relative in relatives:
+            path = self.root / relative
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                entries[file.relative_to(self.root).as_posix()] = sha256_of(file)
+        self._save(entries)
+
+    def record_dir(self, relative: str) -> None:
+        """Record a folder whose whole content is dpt_peft's (a checkpoint being written, tracker logs)."""
+        self._save({**self.manifest(), Path(relative).as_posix(): WHOLE_DIR})
+
+    def forget(self, relative: str) -> None:
+        """Drop `relative` and everything under it from the manifest (it was moved or removed)."""
+        prefix = Path(relative).as_posix()
+        entries = self.manifest()
+        kept = {k: v for k, v in entries.items() if k != prefix and not k.startswith(prefix + "/")}
+        if kept != entries:
+            self._save(kept)
+
+    def unowned(self) -> list[str]:
+        """Every entry under the folder that no manifest records unchanged (symbolic links always)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.rglob("*")):
+            relative = path.relative_to(self.root)
+            recorded = path.is_dir() or path.name == MANIFEST_FILE or _owned(self.root, relative)
+            if path.is_symlink() or not recorded:
+                found.append(relative.as_posix())
+        return found
+
+    def remove_owned(self) -> list[str]:
+        """Delete every file a manifest records unchanged (and the manifests, then folders left empty); what
+        --overwrite_output_dir does. Returns the removed paths."""
+        removed = []
+        for path in sorted(self.root.rglob("*"), reverse=True):
+            relative = path.relative_to(self.root)
+            if path.is_file() and not path.is_symlink() and path.name != MANIFEST_FILE and _owned(self.root, relative):
+                path.unlink()
+                removed.append(relative.as_posix())
+        for manifest in sorted(self.root.rglob(MANIFEST_FILE), reverse=True):
+            manifest.unlink()
+        for path in sorted(self.root.rglob("*"), reverse=True):
+            if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                path.rmdir()
+        return removed
+
+    def _save(self, entries: dict[str, str]) -> None:
+        content = {"format": MANIFEST_FORMAT, "files": dict(sorted(entries.items()))}
+        atomic_write_bytes(self.manifest_path, json.dumps(content, indent=1).encode())
+
+
+def checked_file(
+    path: str | os.PathLike, flag: str, overwrite_flag: str | None = None, overwrite: bool = False
+) -> tuple[OutputFolder, str]:
+    """One output file given by a flag (`predict --output`, a report path): its folder, checked before any work
+    (`OutputFolder.check`), and its name there, for `folder.write...(name, ...)` once the work is done."""
+    path = Path(path)
+    folder = OutputFolder(path.parent, flag)
+    folder.check([path.name], overwrite_flag, overwrite)
+    return folder, path.name
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    """A manifest's entries; a missing one is empty, and a damaged one owns nothing (so nothing is replaced)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    files = content.get("files") if isinstance(content, dict) and content.get("format") == MANIFEST_FORMAT else None
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _owned(root: Path, relative: Path) -> bool:
+    """Whether the manifest of `root` or of a folder between it and `relative` records the file unchanged."""
+    path = root / relative
+    if path.is_symlink() or not path.is_file():
+        return False
+    for depth in range(len(relative.parts)):
+        folder = root.joinpath(*relative.parts[:depth])
+        entries = _read_manifest(folder / MANIFEST_FILE)
+        inner = relative.parts[depth:]
+        for cut in range(1, len(inner)):
+            if entries.get("/".join(inner[:cut])) == WHOLE_DIR:
+                return True
+        recorded = entries.get("/".join(inner))
+        if recorded is not None and recorded != WHOLE_DIR and recorded == sha256_of(path):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+# What a command raises for bad input or a bad environment; printed as one line, exit status 2.
+REFUSALS: tuple[type[BaseException], ...] = (
+    UserInputError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def run_command(command: Callable[[list[str]], Any], argv: list[str], verbose: bool = False) -> Any:
+    """`command(argv)`; a refusal (`REFUSALS`) becomes one line on stderr and exit status 2 (with `verbose`, the
+    traceback first)."""
+    try:
+        return command(argv)
+    except REFUSALS as err:
+        if verbose:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"dpt-peft: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from err
