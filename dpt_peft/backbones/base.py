@@ -47,14 +47,24 @@ class Backbone(ABC):
     # ------------------------------------------------------------------ shape
     @property
     @abstractmethod
-    def shape(self) -> dict[str, int]:
-        """Widths and depth an adapter is made for: vision_hidden_size, vision_num_layers, text_hidden_size,
-        projection_dim (checked when an adapter is loaded into another base model)."""
+    def projection_dim(self) -> int:
+        """Width of the joint image-text space."""
 
     @property
-    @abstractmethod
+    def shape(self) -> dict[str, int]:
+        """Widths and depth an adapter is made for (checked when an adapter is loaded into another base model)."""
+        config = self.model.config
+        return {
+            "vision_hidden_size": config.vision_config.hidden_size,
+            "vision_num_layers": config.vision_config.num_hidden_layers,
+            "text_hidden_size": config.text_config.hidden_size,
+            "projection_dim": self.projection_dim,
+        }
+
+    @property
     def text_context_length(self) -> int:
         """Positions of the text encoder: the longest prompt it can encode."""
+        return self.model.config.text_config.max_position_embeddings
 
     @property
     def num_vision_layers(self) -> int:
@@ -78,13 +88,14 @@ class Backbone(ABC):
         return _unwrapped(self.text_embeddings).position_embedding
 
     @property
-    @abstractmethod
     def text_layers(self) -> nn.ModuleList:
-        """The text encoder's layers, in order (pre-LayerNorm transformer layers)."""
+        """The text encoder's layers, in order (pre-LayerNorm transformer layers, `text_model.encoder.layers` in
+        transformers' dual encoders)."""
+        return self.model.text_model.encoder.layers
 
-    @abstractmethod
     def final_text_norm(self, pooled: torch.Tensor) -> torch.Tensor:
         """The text tower's last normalization, applied to the pooled hidden state."""
+        return self.model.text_model.final_layer_norm(pooled)
 
     @abstractmethod
     def pooled_positions(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import CLIPModel
 
 from .base import Backbone
@@ -20,25 +19,8 @@ class ClipBackbone(Backbone):
     vision_layer_key_format = "vision_model.encoder.layers.{}"
 
     @property
-    def shape(self) -> dict[str, int]:
-        config = self.model.config
-        return {
-            "vision_hidden_size": config.vision_config.hidden_size,
-            "vision_num_layers": config.vision_config.num_hidden_layers,
-            "text_hidden_size": config.text_config.hidden_size,
-            "projection_dim": config.projection_dim,
-        }
-
-    @property
-    def text_context_length(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
-
-    @property
-    def text_layers(self) -> nn.ModuleList:
-        return self.model.text_model.encoder.layers
-
-    def final_text_norm(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.model.text_model.final_layer_norm(pooled)
+    def projection_dim(self) -> int:
+        return self.model.config.projection_dim
 
     def pooled_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The first end-of-text token, or the largest id for legacy configs (`eos_token_id == 2`), as CLIP pools."""

@@ -48,25 +48,8 @@ class SiglipBackbone(Backbone):
             )
 
     @property
-    def shape(self) -> dict[str, int]:
-        config = self.model.config
-        return {
-            "vision_hidden_size": config.vision_config.hidden_size,
-            "vision_num_layers": config.vision_config.num_hidden_layers,
-            "text_hidden_size": config.text_config.hidden_size,
-            "projection_dim": config.text_config.projection_size,  # the text head's output: the joint space
-        }
-
-    @property
-    def text_context_length(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
-
-    @property
-    def text_layers(self) -> nn.ModuleList:
-        return self.model.text_model.encoder.layers
-
-    def final_text_norm(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.model.text_model.final_layer_norm(pooled)
+    def projection_dim(self) -> int:
+        return self.model.config.text_config.projection_size  # the text head's output: the joint space
 
     def pooled_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """SigLIP pools the last position whatever token it holds (prompts are padded to the context)."""

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +78,17 @@ def contrastive_loss(logits: torch.Tensor, texts: list[str]) -> torch.Tensor:
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
-def pretrain(output_dir: str | os.PathLike, steps: int = 900, batch_size: int = 256, seed: int = 0) -> Path:
-    """Pre-train the toy CLIP and save it (model, tokenizer, image processor) to `output_dir`."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    tokenizer = build_clip_tokenizer(VOCABULARY)
-    model = CLIPModel(toy_clip_config(tokenizer))
+def train_on_shapes(
+    model: torch.nn.Module,
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+    pixels: Callable[[np.ndarray], torch.Tensor],
+    loss_of: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    rng: np.random.Generator,
+    steps: int,
+    batch_size: int,
+) -> None:
+    """The toy recipe for any dual encoder: a fresh batch of shapes and captions each step, AdamW (lr 2e-3, weight
+    decay 0.05), 50 linear warm-up steps then cosine; `loss_of(logits_per_image, captions)` is the family's loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     warmup = 50
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -93,15 +99,27 @@ def pretrain(output_dir: str | os.PathLike, steps: int = 900, batch_size: int = 
     for step in range(steps):
         batch = render(rng, batch_size)
         texts = captions(batch, rng)
-        tokens = tokenizer(texts, padding=True, return_tensors="pt")
-        output = model(**tokens, pixel_values=to_pixel_values(batch.images))
-        loss = contrastive_loss(output.logits_per_image, texts)
+        output = model(**tokenize(texts), pixel_values=pixels(batch.images))
+        loss = loss_of(output.logits_per_image, texts)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+
+
+def pretrain(output_dir: str | os.PathLike, steps: int = 900, batch_size: int = 256, seed: int = 0) -> Path:
+    """Pre-train the toy CLIP and save it (model, tokenizer, image processor) to `output_dir`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tokenizer = build_clip_tokenizer(VOCABULARY)
+    model = CLIPModel(toy_clip_config(tokenizer))
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        return tokenizer(texts, padding=True, return_tensors="pt")
+
+    train_on_shapes(model, tokenize, to_pixel_values, contrastive_loss, rng, steps, batch_size)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

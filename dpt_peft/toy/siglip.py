@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import string
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
-from .shapes import IMAGE_SIZE, VOCABULARY, captions, render
+from .pretrain import train_on_shapes
+from .shapes import IMAGE_SIZE, VOCABULARY
 
 SIGLIP_ASSETS = Path(__file__).parent / "siglip_assets"
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
@@ -117,25 +117,12 @@ def pretrain_siglip(output_dir: str | os.PathLike, steps: int = 500, batch_size:
     with torch.no_grad():
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-10.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    warmup = 50
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
-    )
-    start = time.time()
-    for step in range(steps):
-        batch = render(rng, batch_size)
-        texts = captions(batch, rng)
-        input_ids = tokenizer(texts, padding="max_length", max_length=TEXT_CONTEXT, return_tensors="pt")["input_ids"]
-        output = model(input_ids=input_ids, pixel_values=to_pixel_values(batch.images))
-        loss = sigmoid_loss(output.logits_per_image, texts)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:  # max-length padding, no mask: as SigLIP trains
+        ids = tokenizer(texts, padding="max_length", max_length=TEXT_CONTEXT, return_tensors="pt")["input_ids"]
+        return {"input_ids": ids}
+
+    train_on_shapes(model, tokenize, to_pixel_values, sigmoid_loss, rng, steps, batch_size)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
