@@ -191,33 +191,39 @@ RACE = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from dpt_peft.training.run_lock import RunLock
+    root, trials = Path(sys.argv[1]), int(sys.argv[2])
     print("ready", flush=True)
-    go = Path(sys.argv[2])
-    while not go.exists():
-        time.sleep(0.001)
-    try:
-        lock = RunLock.acquire(Path(sys.argv[1]))
-    except ValueError:
-        print("refused")
-    else:
-        print("held", flush=True)
-        time.sleep(1.0)
+    for trial in range(trials):
+        go = root / f"go{trial}"
+        while not go.exists():
+            time.sleep(0.001)
+        try:
+            lock = RunLock.acquire(root / str(trial))
+        except ValueError:
+            print("refused", flush=True)
+        else:
+            print("held", flush=True)
+            time.sleep(1.0)
+            lock.release()
     """
 )
 
 
 def test_two_runs_never_both_hold_the_lock(tmp_path):
-    for trial in range(3):
-        folder, go = tmp_path / str(trial), tmp_path / f"go{trial}"
-        folder.mkdir()
-        racers = [
-            subprocess.Popen([sys.executable, "-c", RACE, str(folder), str(go)], stdout=subprocess.PIPE, text=True)
-            for _ in range(3)
-        ]
-        assert all(p.stdout.readline().strip() == "ready" for p in racers)  # imported, waiting
-        go.touch()  # all at once
-        outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in racers)
+    """Three processes race for the same folder's lock, three times (each process imports dpt_peft once)."""
+    trials = 3
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), str(trials)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    assert all(p.stdout.readline().strip() == "ready" for p in racers)  # imported, waiting
+    for trial in range(trials):
+        (tmp_path / str(trial)).mkdir()
+        (tmp_path / f"go{trial}").touch()  # all at once
+        outcomes = sorted(p.stdout.readline().strip() for p in racers)
         assert outcomes == ["held", "refused", "refused"]
+    for racer in racers:
+        assert racer.wait(timeout=120) == 0
 
 
 def test_a_damaged_result_of_ours_is_named_and_redone_and_a_foreign_one_refused(tmp_path, caplog):
