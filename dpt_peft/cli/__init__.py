@@ -4,7 +4,7 @@ dpt-peft train [--help]          # accelerate launch -m dpt_peft train ... for s
 dpt-peft evaluate --adapter DIR [--base_to_new]
 dpt-peft predict --adapter DIR IMAGES...
 dpt-peft visualize --adapter DIR IMAGES... [--context]
-dpt-peft ablation [--seeds 0 1 2]
+dpt-peft ablation [--seeds 1 2 3]
 dpt-peft benchmark --protocol few_shot --data_root DATA
 dpt-peft data check --data_root DATA [--datasets imagenet eurosat]
 
@@ -196,7 +196,9 @@ def ablation_main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--overwrite_reports", action="store_true", help="Replace report files dpt_peft did not write (e.g. docs/)."
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of every method's runs.")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds of every method's runs (CoOp's)."
+    )
     args, extra = parser.parse_known_args(argv)
     markdown, figure = report_paths(args.output_dir, args.docs_dir)
     check_report_target(markdown, figure, overwrite=args.overwrite_reports)
