@@ -1,8 +1,8 @@
 """Numbers other papers and projects published for the benchmark protocols, printed beside ours, never as ours.
 
-Copied from the project's PUBLISHED_RESULTS.md, each with the source it names there: CLIP ViT-B/16, 16 shots, 3 seeds,
-unless the source says otherwise. Accuracies in %. The DPT paper's own tables are not here: they were not published in
-a form we could read (`DPT_PAPER`), and no cell is filled from memory.
+Transcribed from the peers' READMEs and papers, each row with the source it comes from: CLIP ViT-B/16, 16 shots,
+3 seeds, unless the source says otherwise. Accuracies in %. The DPT paper's own tables are not here: they were not
+published in a form we could read (`DPT_PAPER`), and no cell is filled from memory.
 """
 
 from __future__ import annotations
