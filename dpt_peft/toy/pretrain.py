@@ -120,21 +120,32 @@ def pretrain(output_dir: str | os.PathLike, steps: int = 900, batch_size: int = 
         return tokenizer(texts, padding=True, return_tensors="pt")
 
     train_on_shapes(model, tokenize, to_pixel_values, contrastive_loss, rng, steps, batch_size)
+    return save_toy(output_dir, model, tokenizer, image_processor())
+
+
+def save_toy(output_dir: str | os.PathLike, model, tokenizer, processor) -> Path:
+    """A toy model folder as `from_pretrained` reads it: weights, tokenizer and image processor."""
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    image_processor().save_pretrained(output_dir)
+    for part in (model, tokenizer, processor):
+        part.save_pretrained(output_dir)
     return output_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Pre-train the toy CLIP on synthetic shapes.")
-    parser.add_argument("--output_dir", default=str(ASSETS))
-    parser.add_argument("--steps", type=int, default=900)
-    parser.add_argument("--batch_size", type=int, default=256)
+def pretraining_main(
+    pretrain_toy: Callable[..., Path], name: str, output_dir: Path, steps: int, batch_size: int
+) -> None:
+    """`python -m dpt_peft.toy.<module>`: rebuild a toy model's shipped weights (or write them elsewhere)."""
+    parser = argparse.ArgumentParser(description=f"Pre-train the toy {name} on synthetic shapes.")
+    parser.add_argument("--output_dir", default=str(output_dir))
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch_size", type=int, default=batch_size)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    pretrain(args.output_dir, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    pretrain_toy(args.output_dir, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+
+
+def main() -> None:
+    pretraining_main(pretrain, "CLIP", ASSETS, steps=900, batch_size=256)
 
 
 if __name__ == "__main__":

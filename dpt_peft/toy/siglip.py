@@ -8,7 +8,6 @@ padded with `</s>` to the context), so it loads offline with AutoTokenizer and w
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import string
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
-from .pretrain import train_on_shapes
+from .pretrain import pretraining_main, save_toy, train_on_shapes
 from .shapes import IMAGE_SIZE, VOCABULARY
 
 SIGLIP_ASSETS = Path(__file__).parent / "siglip_assets"
@@ -123,21 +122,11 @@ def pretrain_siglip(output_dir: str | os.PathLike, steps: int = 500, batch_size:
         return {"input_ids": ids}
 
     train_on_shapes(model, tokenize, to_pixel_values, sigmoid_loss, rng, steps, batch_size)
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    siglip_image_processor().save_pretrained(output_dir)
-    return output_dir
+    return save_toy(output_dir, model, tokenizer, siglip_image_processor())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Pre-train the toy SigLIP on synthetic shapes.")
-    parser.add_argument("--output_dir", default=str(SIGLIP_ASSETS))
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    pretrain_siglip(args.output_dir, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    pretraining_main(pretrain_siglip, "SigLIP", SIGLIP_ASSETS, steps=500, batch_size=128)
 
 
 if __name__ == "__main__":
