@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 
-from clip_shapes import SHAPES  # noqa: E402  (sibling module; benchmarks run as scripts)
+from model_shapes import SHAPES  # noqa: E402  (sibling module; benchmarks run as scripts)
 from peft import get_peft_model
 from transformers import CLIPConfig, CLIPModel
 

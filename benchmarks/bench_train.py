@@ -2,10 +2,13 @@
 
 Baseline (as the reference code): prompts padded to the text encoder's full context, eager attention, fp32,
 class features recomputed at every inference call. Ours: prompts cut after the longest end token, SDPA,
-bf16 autocast on CUDA, class features cached at inference. Both use the same random CLIP of real shape.
+bf16 autocast on CUDA, class features cached at inference. Both use the same random model of real shape, a CLIP
+or a SigLIP (`model_shapes.py`). SigLIP's bidirectional text tower pools its last position, so on both paths its
+prompts stay padded to the 64-token context and its text path is the full one (no shared prefix: "auto" is "full").
 Each (method, classes, path) runs in its own process, so peak memory is its own.
 
     python benchmarks/bench_train.py --json bench.json                 # ViT-B/16 on CUDA, "small" on CPU
+    python benchmarks/bench_train.py --shape siglip-b16 --json bench_siglip.json    # SigLIP-B/16 (GPU)
     python benchmarks/bench_train.py --shape tiny --classes 5 --steps 1 --warmup 0   # seconds, for CI
 """
 
@@ -20,11 +23,42 @@ import tempfile
 import time
 
 import torch
-from clip_shapes import SHAPES  # noqa: E402  (sibling module; benchmarks run as scripts)
+from model_shapes import SHAPES, family  # noqa: E402  (sibling module; benchmarks run as scripts)
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16 peak of known GPUs (TFLOP/s), for the share of peak we reach.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Our path's text encodings per family: SigLIP's bidirectional tower has no shared prefix, so "auto" is "full".
+TEXT_ENCODINGS = {"clip": ["auto", "full"], "siglip": ["auto"]}
+
+
+def _save_tokenizer(shape: str, tokenizer_dir: str) -> None:
+    """An offline tokenizer of the family; SigLIP's pads to its text context (`padding="max_length"`, as trained)."""
+    if family(shape) == "siglip":
+        from dpt_peft.toy.siglip import build_siglip_tokenizer
+
+        tokenizer = build_siglip_tokenizer(["class"])
+        tokenizer.model_max_length = SHAPES[shape]["text_config"]["max_position_embeddings"]
+    else:
+        from dpt_peft.toy.tokenizer import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer(["class"])
+    tokenizer.save_pretrained(tokenizer_dir)
+
+
+def _base_model(shape: str, tokenizer) -> torch.nn.Module:
+    """A random model of `shape` whose text config uses the tokenizer's special tokens, as a real checkpoint does:
+    CLIP pools at the tokenizer's end token; SigLIP pads with its pad token and has no start token."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    if family(shape) == "siglip":
+        model_class, config_class = SiglipModel, SiglipConfig
+        special = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    else:
+        model_class, config_class = CLIPModel, CLIPConfig
+        special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    text_config = {**SHAPES[shape]["text_config"], **special}
+    return model_class(config_class(**{**SHAPES[shape], "text_config": text_config}))
 
 
 def _build(
@@ -37,18 +71,15 @@ def _build(
     text_encoding: str = "auto",
 ):
     from peft import get_peft_model
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+    from transformers import AutoTokenizer
 
     import dpt_peft  # noqa: F401
     from dpt_peft import DPTConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
-    torch.manual_seed(0)  # the text config pools at the tokenizer's own end token, as a real CLIP does
-    clip = CLIPModel(CLIPConfig(**{**SHAPES[shape], "text_config": {**SHAPES[shape]["text_config"], **special}}))
-    clip.config._attn_implementation = "eager" if baseline else "sdpa"
-    for config in (clip.config, clip.config.text_config, clip.config.vision_config):
-        config._attn_implementation = clip.config._attn_implementation
+    torch.manual_seed(0)
+    base = _base_model(shape, AutoTokenizer.from_pretrained(tokenizer_dir))
+    for config in (base.config, base.config.text_config, base.config.vision_config):
+        config._attn_implementation = "eager" if baseline else "sdpa"
     config = DPTConfig.for_method(
         method,
         class_names=[f"class {i}" for i in range(num_classes)],
@@ -57,7 +88,7 @@ def _build(
         cache_class_features=not baseline,
         text_encoding="full" if baseline else text_encoding,
     )
-    return get_peft_model(clip, config).to(device)
+    return get_peft_model(base, config).to(device)
 
 
 def _resident_peak_mb() -> float:
@@ -142,12 +173,12 @@ def measure(
         _synchronize(device)
     infer_seconds = (time.perf_counter() - start) / steps
     with torch.no_grad(), autocast, model.disable_adapter():
-        clip = model.get_base_model()
-        clip.get_image_features(pixel_values=pixels)
+        base = model.get_base_model()
+        base.get_image_features(pixel_values=pixels)
         _synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
-            clip.get_image_features(pixel_values=pixels)  # one bare image-encoder pass: the floor of inference
+            base.get_image_features(pixel_values=pixels)  # one bare image-encoder pass: the floor of inference
         _synchronize(device)
     bare_seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _resident_peak_mb()
@@ -247,7 +278,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
-        "--text_encodings", nargs="+", default=["auto", "full"], help="Our path's text encodings, one row each."
+        "--text_encodings",
+        nargs="+",
+        choices=["auto", "full", "shared_prefix"],
+        help="Our path's text encodings, one row each (default: auto and full for CLIP, auto for SigLIP).",
     )
     parser.add_argument("--json", help="Write the rows here.")
     parser.add_argument("--skip_baseline", action="store_true", help="Only our path (the baseline is slow).")
@@ -261,14 +295,18 @@ def main() -> None:
     args.shape = args.shape or ("vit-b16" if args.device == "cuda" else "small")
     if args.child:
         return _child(args)
-
-    from dpt_peft.toy.tokenizer import build_clip_tokenizer
+    args.text_encodings = args.text_encodings or TEXT_ENCODINGS[family(args.shape)]
+    if family(args.shape) == "siglip" and "shared_prefix" in args.text_encodings:
+        parser.error(
+            f"--text_encodings shared_prefix does not apply to --shape {args.shape}: SigLIP's text attention is "
+            "bidirectional, so the prefix's hidden states depend on the class tokens. Use auto (the full path)."
+        )
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
     rows = []
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        build_clip_tokenizer(["class"]).save_pretrained(tokenizer_dir)
+        _save_tokenizer(args.shape, tokenizer_dir)
         for method in args.methods:
             for num_classes in args.classes:
                 base = {} if args.skip_baseline else _run_child(args, method, num_classes, True, tokenizer_dir, "full")
@@ -276,7 +314,7 @@ def main() -> None:
                     ours = _run_child(args, method, num_classes, False, tokenizer_dir, text_encoding)
                     rows.append(_row(args, method, num_classes, text_encoding, base, ours, device_name, peak))
                     _print_row(rows[-1])
-    print(f"device: {device_name}; shape: {args.shape}; batch {args.batch_size}")
+    print(f"device: {device_name}; shape: {args.shape} ({family(args.shape)}); batch {args.batch_size}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -295,6 +333,7 @@ def _row(args, method, num_classes, text_encoding, base: dict, ours: dict, devic
         "num_classes": num_classes,
         "text_encoding": text_encoding,
         "shape": args.shape,
+        "family": family(args.shape),
         "device": device_name,
         "batch_size": args.batch_size,
         "baseline_error": base.get("error"),

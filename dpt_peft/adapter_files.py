@@ -14,7 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .utils.write_policy import UserInputError, read_json
+
 WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"  # PEFT's CONFIG_NAME, spelled here to keep this module free of PEFT
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "namespace/name"
 MAX_CONFIG_BYTES = 64 * 2**20  # a config with a million class names is about 20 MB
 MAX_HEADER_BYTES = 16 * 2**20  # safetensors' own limit is 100 MB; a DPT adapter's header holds a few hundred keys
 
@@ -25,8 +29,9 @@ _QUERY = re.compile(r"layers\.(\d+)\.dpt_class_aware\.q_proj\.weight$")
 _CONTEXT = re.compile(r"\.dpt_context$")
 
 
-class AdapterFileError(ValueError):
-    """A saved adapter that cannot be used as it is: too large, truncated, or not matching its own config."""
+class AdapterFileError(UserInputError):
+    """A saved adapter that cannot be used as it is: incomplete, too large, truncated, or not matching its own
+    config (a `ValueError`, as PEFT's own refusals are)."""
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -37,11 +42,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is {size / 2**20:.0f} MiB, more than the {MAX_CONFIG_BYTES // 2**20} MiB an adapter config can "
             "be; it is not a DPT adapter config (or is corrupt): save or download the adapter again."
         )
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise AdapterFileError(f"{path} is not valid JSON ({err}); save or download the adapter again.") from err
+    return read_json(path, "the adapter's config", "save or download the adapter again.", mapping=True)
 
 
 def saved_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
@@ -141,7 +142,32 @@ def check_config_matches_weights(config: Any, shapes: dict[str, list[int]], wher
 
 
 def local_weights(path: str | os.PathLike, subfolder: str | None = None) -> Path | None:
-    """The weights file of an adapter folder on this machine, or None (a Hub id: PEFT downloads it later)."""
+    """The weights file of an adapter folder on this machine, or None (a Hub id: PEFT downloads it later).
+
+    A folder on this machine must be a complete adapter before anything is loaded: a path that does not exist (and
+    cannot be a Hub id), a file, a folder without `adapter_config.json` or `WEIGHTS_NAME`, or a config that is not a
+    JSON mapping is refused naming the path and the fix, not found to be wrong after the base model has loaded.
+    """
     folder = Path(path, subfolder) if subfolder else Path(path)
-    candidate = folder / WEIGHTS_NAME
-    return candidate if candidate.is_file() else None
+    expected = f"give the folder save_pretrained wrote (it holds {CONFIG_FILE} and {WEIGHTS_NAME})"
+    if not folder.exists():
+        if _HUB_ID.fullmatch(str(path)) and not subfolder:
+            return None
+        raise AdapterFileError(f"The adapter folder {str(folder)!r} does not exist; {expected}, or a Hub id.")
+    if not folder.is_dir():
+        raise AdapterFileError(
+            f"The adapter {str(folder)!r} is a file, not a folder; give the folder that holds the adapter "
+            f"({str(folder.parent)!r} if that is one), as save_pretrained wrote it."
+        )
+    if not (folder / CONFIG_FILE).is_file():
+        raise AdapterFileError(f"The adapter folder {str(folder)!r} holds no {CONFIG_FILE}; {expected}.")
+    read_config_json(folder / CONFIG_FILE)
+    weights = folder / WEIGHTS_NAME
+    if (folder / "adapter_model.bin").exists() and not weights.is_file():
+        raise AdapterFileError(
+            f"The adapter folder {str(folder)!r} holds adapter_model.bin, a pickle, and no {WEIGHTS_NAME}: dpt_peft "
+            "loads only safetensors, which cannot run code. Re-save it with save_pretrained where it was made."
+        )
+    if not weights.is_file():
+        raise AdapterFileError(f"The adapter folder {str(folder)!r} holds no {WEIGHTS_NAME}; {expected}.")
+    return weights

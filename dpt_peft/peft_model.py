@@ -7,6 +7,7 @@ DPT classifies images over its class names, so this subclass routes `forward` to
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -25,22 +26,58 @@ from .outputs import DPTOutput
 # Passed by generic training loops (transformers' Trainer among them); they do not change a DPT forward.
 IGNORED_FORWARD_ARGUMENTS = {"return_dict", "return_loss"}
 NON_PREDICTION_OUTPUTS = [name for name in DPTOutput.__dataclass_fields__ if name not in ("loss", "logits")]
+# Training without labels is how transformers' Trainer calls a PEFT model whose labels it could not detect.
+MISSING_LABELS_WARNING = (
+    "A DPT forward in training mode without labels computes no loss. Under transformers' Trainer: it looks for label "
+    "arguments in the base model's forward (CLIPModel's has none), so pass TrainingArguments(label_names=['labels']) "
+    "or use dpt_peft.DPTTrainer."
+)
 # transformers' push_to_hub arguments that have nothing to do for an adapter of a few MB saved as safetensors.
 IGNORED_PUSH_ARGUMENTS = {"max_shard_size", "use_temp_dir", "use_auth_token"}
 
 
+def shared_config(config_class: type, attributes: dict) -> Any:
+    """A `config_class` object whose attributes are `attributes` itself, not a copy."""
+    config = object.__new__(config_class)
+    config.__dict__ = attributes
+    return config
+
+
+@functools.cache
+def trainer_config_class(config_class: type) -> type:
+    """`config_class` with transformers' `keys_to_ignore_at_inference` hint (see `DPTPeftModel.config`); one class
+    per config class, so `type(model.config)` is stable and still an instance of the user's config class."""
+
+    def reduce_as_user_config(view: Any, protocol: int) -> tuple:
+        # pickled and copied as the user's config class: this subclass exists only in this process
+        return shared_config, (config_class, view.__dict__)
+
+    hint = {"keys_to_ignore_at_inference": NON_PREDICTION_OUTPUTS, "__reduce_ex__": reduce_as_user_config}
+    return type(config_class.__name__, (config_class,), hint)
+
+
 class DPTPeftModel(PeftModel):
-    """A CLIP adapted by DPT prompts; see [`DPTModel.classify`] for what `forward` computes."""
+    """A CLIP adapted by DPT prompts; see [`DPTModel.classify`] for what `forward` computes.
+
+    A plain transformers `Trainer` needs `TrainingArguments(label_names=["labels"])` (`DPTTrainer` sets it): Trainer
+    looks for label arguments in the forward of `get_base_model()`'s class (CLIPModel's, which has none), never in
+    this one, so without it the `labels` column is dropped, evaluation has no eval_loss and compute_metrics is not
+    called.
+    """
 
     def __init__(self, model: torch.nn.Module, peft_config, adapter_name: str = "default", **kwargs: Any) -> None:
         with warnings.catch_warnings():  # PEFT asks transformers for a name it deprecated; nothing for a user to do
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             super().__init__(model, peft_config, adapter_name, **kwargs)
-        # transformers' Trainer gathers every output but those its model config names; the class features have no
-        # batch dimension, so evaluation would fail to concatenate them. Predictions are the logits.
-        config = getattr(model, "config", None)
-        if config is not None and getattr(config, "keys_to_ignore_at_inference", None) is None:
-            config.keys_to_ignore_at_inference = NON_PREDICTION_OUTPUTS
+
+    @property
+    def config(self) -> Any:
+        """The base model's config, seen with `keys_to_ignore_at_inference`: transformers' Trainer gathers every output
+        but those `model.config` names, and the class features have no batch dimension to concatenate (predictions
+        are the logits). It shares the user's config's attributes (reading or setting one reads or sets theirs), and
+        the hint is a class attribute, so the user's config object and its config.json stay as they were."""
+        config = self.get_base_model().config
+        return shared_config(trainer_config_class(type(config)), config.__dict__)
 
     def forward(
         self,
@@ -81,6 +118,8 @@ class DPTPeftModel(PeftModel):
             )
         if pixel_values is None:
             raise ValueError("pixel_values is required: model(pixel_values=..., labels=...).")
+        if labels is None and self.training and torch.is_grad_enabled():
+            warnings.warn(MISSING_LABELS_WARNING, UserWarning, stacklevel=2)
         output = self.base_model.classify(
             pixel_values,
             labels=labels,

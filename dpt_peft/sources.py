@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoImageProcessor, AutoModel
 
+from .adapter_files import local_weights
 from .backbones import backbone_for
 from .config import DPTConfig
 
@@ -88,6 +89,7 @@ def load_adapted_model(
     """Base model + adapter in eval mode on `device` (default: CUDA when there is one), optionally with a new label
     space, and the image processor. The base model is the one the adapter records, unless `model_name_or_path`
     names another copy of it."""
+    local_weights(adapter)  # an incomplete adapter folder is refused before the base model loads
     model, processor = load_clip(model_name_or_path or recorded_base(adapter), **kwargs)
     model = PeftModel.from_pretrained(model, adapter)
     if class_names:

@@ -141,10 +141,9 @@ def test_predict_checks_its_flags_and_output_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict_main(["--adapter", "missing", str(tmp_path), "--top_k", "0"])
     assert "--top_k 0 must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file is a file, not a folder; choose another --output"):
         predict_main(["--adapter", "missing", str(tmp_path), "--output", str(tmp_path / "a_file" / "out.jsonl")])
-    assert "a_file is a file, not a folder; choose another --output" in capsys.readouterr().err
 
 
 def test_visualize_names_every_figure_uniquely():
@@ -216,10 +215,6 @@ def test_validation_is_refused_where_val_would_be_the_test_split(tmp_path):
 def test_predict_never_replaces_an_existing_file_unasked(tmp_path, capsys):
     existing = tmp_path / "mine.jsonl"
     existing.write_text("my notes\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=r"dpt_peft did not write it \(it is not in .dpt_peft_written.json with this"):
         predict_main(["--adapter", "missing", str(tmp_path), "--output", str(existing)])
-    assert (
-        "dpt_peft did not write it (it is not in .dpt_peft_written.json with this content), so it is never replaced"
-        in capsys.readouterr().err
-    )
     assert existing.read_text() == "my notes\n"

@@ -37,7 +37,7 @@ def test_a_yaml_or_json_file_is_the_sole_argument(tmp_path):
     args, overrides = parse_args([str(tmp_path / "run.yaml")])
     assert (args.epochs, args.shots, overrides["num_text_tokens"]) == (5, 2, 2)
     (tmp_path / "run.json").write_text(json.dumps({"batch_size": 8, "no_such_flag": 1}))
-    with pytest.raises(SystemExit, match="unknown setting.*no_such_flag"):
+    with pytest.raises(ValueError, match="unknown setting.*no_such_flag"):  # a UserInputError: one line, exit 2
         parse_args([str(tmp_path / "run.json")])
 
 

@@ -407,7 +407,7 @@ def test_a_resume_on_changed_data_is_refused_before_anything_is_written(copied_r
 
     real = few_shot_module.data_fingerprint
     before = snapshot(copied_run)
-    monkeypatch.setattr(training_setup, "data_fingerprint", lambda tasks, column: "changed" + real(tasks, column))
+    monkeypatch.setattr(training_setup, "data_fingerprint", lambda tasks, *columns: "changed" + real(tasks, *columns))
     with pytest.raises(ValueError, match=r"another config \(data_fingerprint: the training images changed"):
         run(copied_run, "--resume_from_checkpoint", "latest", "--epochs", "3")
     assert snapshot(copied_run) == before

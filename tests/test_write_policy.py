@@ -423,8 +423,14 @@ def test_reports_never_replace_a_users_files(tmp_path):
 
     (tmp_path / "few_shot").mkdir()
     (tmp_path / "few_shot" / "results.md").write_text("# my notes")
-    with pytest.raises(OutputRefused, match="few_shot/results.md exists and dpt_peft did not write it"):
+    with pytest.raises(OutputRefused, match="few_shot/results.md exists and dpt_peft did not.*--overwrite_rep"):
         benchmark_report.check_report_target("few_shot", str(tmp_path))
+    benchmark_report.check_report_target("few_shot", str(tmp_path), overwrite=True)  # --overwrite_reports: asked
+    row = dict.fromkeys(benchmark_report.COLUMNS, 0) | {"protocol": "few_shot", "dataset": "toy", "method": "dpt"}
+    metrics = [row | {"shots": 1, "metric": metric, "mean": 0.5} for metric in benchmark_report.METRICS["few_shot"]]
+    benchmark_report.write_report("few_shot", metrics, str(tmp_path))
+    assert "my notes" not in (tmp_path / "few_shot" / "results.md").read_text()
+    benchmark_report.check_report_target("few_shot", str(tmp_path))  # ours now: may be replaced unasked
     markdown, figure = ablation.report_paths(str(tmp_path / "ablation"))  # not ./docs unless asked
     assert markdown == str(tmp_path / "ablation" / "results.md")
     ablation.check_report_target(markdown, figure)

@@ -8,7 +8,8 @@ dpt-peft ablation [--seeds 1 2 3]
 dpt-peft benchmark --protocol few_shot --data_root DATA
 dpt-peft data check --data_root DATA [--datasets imagenet eurosat]
 
-The flags of `train` are built in `train_args.py` from the fields of `TrainArguments` and `DPTConfig`; the library
+Every command's flags are in `parsers.py` (train's built in `train_args.py` from the fields of `TrainArguments` and
+`DPTConfig`); `dpt-peft --help` answers from their texts without importing torch (dpt_peft_launcher.py). The library
 never imports this package.
 """
 
@@ -22,16 +23,26 @@ import os
 import sys
 from collections.abc import Callable
 
+from ..adapter_files import local_weights
 from ..integrations.inference import expand_paths, predict
 from ..sources import load_adapted_model
-from ..utils.write_policy import OutputFolder, UserInputError, checked_file, run_command
+from ..utils.write_policy import OutputFolder, check_writable_dir, checked_file, run_command
+from .parsers import (
+    ablation_parser,
+    benchmark_parser,
+    data_parsers,
+    evaluate_parser,
+    overview,
+    predict_parser,
+    visualize_parser,
+)
 from .train_args import build_parser, parse_args, parse_given_flags
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "parse_args"]
 
 
 def train_main(argv: list[str] | None = None) -> dict:
-    """Train a DPT adapter (defaults: the embedded toy task); see --help for every flag."""
+    """`dpt-peft train`: the run's metrics (flags: `train_args.py`)."""
     from ..training.trainer import train
 
     args, overrides = parse_args(argv)
@@ -48,46 +59,18 @@ def train_main(argv: list[str] | None = None) -> dict:
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict:
-    """Evaluate an adapter on a dataset split (optionally base-to-new)."""
+    """`dpt-peft evaluate`: the evaluation report (flags: `parsers.evaluate_parser`)."""
     from ..data.datasets import load_checked_split
     from ..training.evaluation import evaluate_adapter
 
-    parser = argparse.ArgumentParser(description=evaluate_main.__doc__, formatter_class=_Formatter)
-    parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
-    parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the one the adapter records).")
-    parser.add_argument(
-        "--dataset",
-        default="toy-position",
-        help="CoOp benchmark dataset (with --data_root), Hub dataset, imagefolder, or toy task.",
-    )
-    parser.add_argument("--data_root", default=None, help="Folder of the CoOp benchmark datasets (CoOp's DATASETS.md).")
-    parser.add_argument(
-        "--subsample_classes",
-        default="all",
-        choices=["all", "base", "new"],
-        help="Keep CoCoOp's base or new half of the classes.",
-    )
-    parser.add_argument("--split", "--test_split", default="test", help="Split to evaluate (train's --test_split).")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--class_names_file", default=None)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--output_dir", default="outputs/eval", help="Folder for eval_metrics.json and plots.")
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Replace reports in --output_dir that dpt_peft did not write.",
-    )
-    parser.add_argument("--base_to_new", action="store_true", help="Also evaluate base/new halves of the classes.")
-    parser.add_argument("--base_classes", default=None, help="Comma-separated base class names.")
-    parser.add_argument("--new_classes", default=None, help="Comma-separated new class names.")
-    parser.add_argument("--seed", type=int, default=1, help="Seed of generated toy datasets (train's default).")
-    args = parser.parse_args(argv)
+    args = evaluate_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_writable_dir(args.output_dir, "--output_dir")  # before the data loads; evaluate_adapter checks its files
+    local_weights(args.adapter)
 
     _, split, class_names = load_checked_split(
         args.dataset,
-        args.split,
+        args.test_split,
         args.image_column,
         args.label_column,
         args.class_names_file,
@@ -103,7 +86,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         args.image_column,
         args.label_column,
         args.output_dir,
-        args.batch_size,
+        args.eval_batch_size,
         _comma_list(args.base_classes),
         _comma_list(args.new_classes),
         args.base_to_new,
@@ -114,19 +97,12 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
 
 
 def predict_main(argv: list[str] | None = None) -> list[dict]:
-    """Top-k classes of each image: a table on stdout and JSON lines in --output."""
-    parser = argparse.ArgumentParser(description=predict_main.__doc__, formatter_class=_Formatter)
-    _image_arguments(parser)
-    parser.add_argument("--output", default="predictions.jsonl", help="JSON lines: path, labels, probabilities.")
-    parser.add_argument("--overwrite_output", action="store_true", help="Replace an existing --output file.")
-    parser.add_argument("--batch_size", type=int, default=64)
+    """`dpt-peft predict`: one row per readable image (flags: `parsers.predict_parser`)."""
+    parser = predict_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     _check_positive(parser, args, "top_k", "batch_size")
-    try:  # before any work; a refusal is the parser's error, as for any flag
-        folder, name = checked_file(args.output, "--output", "--overwrite_output", args.overwrite_output)
-    except UserInputError as err:
-        parser.error(str(err))
+    folder, name = checked_file(args.output, "--output", "--overwrite_output", args.overwrite_output)  # before work
     paths = expand_paths(args.images)
     model, processor = _adapted_model(args)
     predictions = predict(
@@ -145,28 +121,17 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
 
 
 def visualize_main(argv: list[str] | None = None) -> list[str]:
-    """Class-aware attention maps of each image's top classes (one PNG per image), and with --context the
-    vocabulary tokens nearest to each learned context vector."""
+    """`dpt-peft visualize`: the PNGs written (flags: `parsers.visualize_parser`)."""
     from ..data.images import open_rgb
     from ..integrations.visualize import class_aware_attention, nearest_context_tokens
     from ..utils.plots import save_attention_figure
 
-    parser = argparse.ArgumentParser(description=visualize_main.__doc__, formatter_class=_Formatter)
-    _image_arguments(parser)
-    parser.set_defaults(top_k=3)
-    parser.add_argument("--output_dir", default="outputs/attention", help="Folder for one PNG per image.")
-    parser.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Replace PNGs in --output_dir that dpt_peft did not write."
-    )
-    parser.add_argument("--context", action="store_true", help="Print the nearest tokens of the learned context.")
+    parser = visualize_parser()
     args = parser.parse_args(argv)
     _check_positive(parser, args, "top_k")
     paths = expand_paths(args.images)
     figures = OutputFolder(args.output_dir)  # before any work: never an input photo or a PNG dpt_peft did not write
-    try:
-        figures.check(_figure_names([str(path) for path in paths]), "--overwrite_output_dir", args.overwrite_output_dir)
-    except UserInputError as err:
-        parser.error(str(err))
+    figures.check(_figure_names([str(path) for path in paths]), "--overwrite_output_dir", args.overwrite_output_dir)
     model, processor = _adapted_model(args)
     if args.context:
         for position, nearest in enumerate(nearest_context_tokens(model)):
@@ -184,49 +149,27 @@ def visualize_main(argv: list[str] | None = None) -> list[str]:
 
 
 def ablation_main(argv: list[str] | None = None) -> dict:
-    """Zero-shot vs CoOp, VPT, VPT+CoOp and DPT on the embedded default over several seeds; writes
-    results.md, results.json and ablation.png to --docs_dir. Unknown flags go to every training run."""
+    """`dpt-peft ablation`: the results per method (flags: `parsers.ablation_parser`, then train's)."""
     from ..experiments.ablation import check_report_target, report_paths, run_ablation, write_report
 
-    parser = argparse.ArgumentParser(description=ablation_main.__doc__, formatter_class=_Formatter)
-    parser.add_argument("--output_dir", default="outputs/ablation")
-    parser.add_argument(
-        "--docs_dir", default=None, help="Folder for results.md, results.json and ablation.png (default: --output_dir)."
-    )
-    parser.add_argument(
-        "--overwrite_reports", action="store_true", help="Replace report files dpt_peft did not write (e.g. docs/)."
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds of every method's runs (CoOp's)."
-    )
-    args, extra = parser.parse_known_args(argv)
+    args, extra = ablation_parser().parse_known_args(argv)
     markdown, figure = report_paths(args.output_dir, args.docs_dir)
-    check_report_target(markdown, figure, overwrite=args.overwrite_reports)
-    results = run_ablation(args.output_dir, tuple(args.seeds), *parse_given_flags(extra))
-    write_report(results, markdown, figure, "dpt-peft ablation")
+    check_writable_dir(args.output_dir, "--output_dir")  # the runs' folder, also when the reports go elsewhere
+    check_report_target(markdown, figure, args.overwrite_reports, "--docs_dir" if args.docs_dir else "--output_dir")
+    options, config_options = parse_given_flags(extra)
+    results = run_ablation(args.output_dir, tuple(args.seeds), options, config_options)
+    command = " ".join(["dpt-peft ablation", *(sys.argv[1:] if argv is None else argv)])
+    write_report(results, markdown, figure, command, options, config_options)
     with open(markdown) as f:
         print(f.read())
     return results
 
 
 def benchmark_main(argv: list[str] | None = None) -> str:
-    """The paper's protocols on the CoOp datasets (few_shot, base_to_new, cross_dataset, domain_generalization): a
-    resumable grid of runs, then results.md, results.csv and plots. Unknown flags go to every training run."""
-    from ..experiments.benchmark import FEW_SHOT_DATASETS, PROTOCOLS, benchmark
+    """`dpt-peft benchmark`: the path of results.md (flags: `parsers.benchmark_parser`, then train's)."""
+    from ..experiments.benchmark import benchmark
 
-    parser = argparse.ArgumentParser(description=benchmark_main.__doc__, formatter_class=_Formatter)
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="few_shot")
-    parser.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
-    parser.add_argument("--datasets", nargs="+", default=list(FEW_SHOT_DATASETS), help="Training (or target) datasets.")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--methods", nargs="+", default=["coop", "vpt", "vpt_coop", "dpt"])
-    parser.add_argument("--model_name_or_path", default="openai/clip-vit-base-patch16", help="Base CLIP.")
-    parser.add_argument("--output_dir", default="outputs/benchmark", help="Folder of the grid's runs and reports.")
-    parser.add_argument(
-        "--confidence_interval", action="store_true", help="Add a 95%% confidence interval to every table cell."
-    )
-    args, extra = parser.parse_known_args(argv)
+    args, extra = benchmark_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = benchmark(
         args.protocol,
@@ -239,24 +182,17 @@ def benchmark_main(argv: list[str] | None = None) -> str:
         args.model_name_or_path,
         *parse_given_flags(extra),
         confidence_interval=args.confidence_interval,
+        overwrite_reports=args.overwrite_reports,
     )
     print(report.read_text())
     return str(report)
 
 
 def data_main(argv: list[str] | None = None) -> bool:
-    """`data check`: whether each CoOp dataset under --data_root is laid out, split and complete as CoOp expects,
-    and where CoOp's DATASETS.md gets what is missing."""
-    from ..data.catalog import DATASET_NAMES
+    """`dpt-peft data check`: whether every dataset is complete (flags: `parsers.data_parsers`)."""
     from ..data.check import check_data
 
-    parser = argparse.ArgumentParser(description=data_main.__doc__, formatter_class=_Formatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="Verify layouts, split files and image counts.")
-    check.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
-    check.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), help="Datasets to check.")
-    check.add_argument("--skip_missing_images", action="store_true", help="Report missing images as skipped.")
-    args = parser.parse_args(argv)
+    args = data_parsers()[0].parse_args(argv)
     checks = check_data(args.data_root, args.datasets, args.skip_missing_images)
     print("\n".join(c.summary() for c in checks))
     if not all(c.ok for c in checks):
@@ -279,21 +215,15 @@ def main(argv: list[str] | None = None) -> None:
     """`dpt-peft <command> [flags]`; each command's own --help lists its flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
-        lines = [f"usage: dpt-peft {{{names}}} [--help] ...", ""]
-        lines += [f"  {name:10} {command.__doc__.splitlines()[0]}" for name, command in COMMANDS.items()]
-        print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(overview(), end="", file=sys.stdout if asked else sys.stderr)
+        raise SystemExit(0 if asked else 2)
     sys.argv[0] = f"dpt-peft {argv[0]}"
     flags = argv[1:]
     verbose = "--verbose" in flags  # a refusal is one line (what, why, the fix); --verbose adds the traceback
     if argv[0] != "train":  # train's own --verbose also sets its log level
         flags = [flag for flag in flags if flag != "--verbose"]
     run_command(COMMANDS[argv[0]], flags, verbose)
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and descriptions as written."""
 
 
 def _figure_names(sources: list[str]) -> list[str]:
@@ -319,14 +249,6 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *
 
 def _comma_list(text: str | None) -> list[str] | None:
     return [name.strip() for name in text.split(",")] if text else None
-
-
-def _image_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="Image files and/or directories of images.")
-    parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
-    parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the one the adapter records).")
-    parser.add_argument("--class_names_file", default=None, help="New label space, one class name per line.")
-    parser.add_argument("--top_k", type=int, default=5)
 
 
 def _adapted_model(args: argparse.Namespace):

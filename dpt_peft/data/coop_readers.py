@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image
 
+from ..utils.write_policy import read_json
 from .cache_dir import default_cache_dir
 from .catalog import CLASSNAMES_FILE, CoopDatasetSpec, dataset_spec
 
@@ -131,7 +132,7 @@ def _read_split_file(spec: CoopDatasetSpec, dataset_dir: str) -> tuple[list[str]
     """
     split_path = os.path.join(dataset_dir, str(spec.split_file))
     image_dir = os.path.join(dataset_dir, spec.image_dir)
-    content = read_json(split_path)
+    content = read_json(split_path, f"CoOp's split file of {spec.name}", "download it again (CoOp's DATASETS.md).")
     rows = {split: content.get(split) if isinstance(content, dict) else None for split in spec.splits}
     for split, split_rows in rows.items():
         if not isinstance(split_rows, list) or not all(map(_is_split_row, split_rows)):
@@ -261,14 +262,6 @@ def _read_classnames(path: str) -> dict[str, str]:
         if names_by_wnid.setdefault(wnid, class_name) != class_name or not class_name:
             raise ValueError(f"{path} names the class folder {wnid} twice or not at all; give one line per wnid.")
     return names_by_wnid
-
-
-def read_json(path: str) -> object:
-    with open(path, encoding="utf-8") as file:
-        try:
-            return json.load(file)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def _class_folders(path: str) -> list[str]:

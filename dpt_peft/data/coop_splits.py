@@ -12,9 +12,9 @@ from typing import Literal
 
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from ..utils.write_policy import atomic_write_bytes
+from ..utils.write_policy import atomic_write_bytes, read_json
 from .catalog import COOP_DATASETS, MAX_VAL_SHOTS, CoopDatasetSpec, dataset_spec
-from .coop_readers import prompt_class_names, read_json, with_prompt_class_names
+from .coop_readers import prompt_class_names, with_prompt_class_names
 from .few_shot import few_shot_split
 
 Subsample = Literal["all", "base", "new"]
@@ -106,7 +106,7 @@ def load_split_file(
     when a list is empty, repeats an image, names a path outside the dataset folder, or (train) leaves a class
     without its `shots` images (fewer only where the class has fewer) or gives it more.
     """
-    content = read_json(os.fspath(path))
+    content = read_json(path, "--split_file", "give a split file train wrote (<output_dir>/splits/<dataset>.json).")
     if not (
         isinstance(content, dict)
         and content.get("format") == SPLIT_FILE_FORMAT

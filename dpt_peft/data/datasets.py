@@ -11,6 +11,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from PIL import Image as PILImage
 
+from ..utils.write_policy import UserInputError
 from .batching import undecoded, with_index
 from .catalog import COOP_DATASETS, MAX_VAL_SHOTS
 from .coop_readers import load_coop_dataset, prompt_class_names
@@ -49,7 +50,13 @@ def load_image_dataset(name_or_path: str, seed: int = 0, data_root: str | None =
 
 def _load_imagefolder(path: str) -> DatasetDict:
     """A local folder with one subfolder per class; a flat or one-class folder gets an error saying so."""
-    dataset = load_dataset("imagefolder", data_dir=path)
+    try:
+        dataset = load_dataset("imagefolder", data_dir=path)
+    except FileNotFoundError as err:  # datasets' "doesn't contain any data files"
+        raise UserInputError(
+            f"--dataset {path} holds no image files; give a folder with one subfolder of images per class "
+            f"({path}/cat/1.jpg, {path}/dog/2.jpg, ...)."
+        ) from err
     first = next(iter(dataset.values()))
     label = first.features.get("label")
     if not isinstance(label, ClassLabel) or len(label.names) < 2:
@@ -119,9 +126,20 @@ def check_columns(dataset: Dataset, image_column: str, label_column: str) -> Non
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
-    """Class names from a text file, one per line (blank lines ignored)."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """Class names from a text file, one per line (blank lines ignored); a missing, binary or empty file is refused
+    naming it, before any model or data loads."""
+    where = f"--class_names_file {os.fspath(path)}"
+    fix = "give a UTF-8 text file with one class name per line."
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        reasons = {UnicodeDecodeError: "is not UTF-8 text", IsADirectoryError: "is a folder, not a file"}
+        reason = reasons.get(type(err), f"cannot be read ({getattr(err, 'strerror', err)})")
+        raise UserInputError(f"{where} {reason}; {fix}") from err
+    if not names:
+        raise UserInputError(f"{where} holds no class names; {fix}")
+    return names
 
 
 def class_names_of(dataset: Dataset, label_column: str, class_names_file: str | None = None) -> list[str]:

@@ -121,10 +121,13 @@ def _readable(value, index: int) -> bool:
     return True
 
 
-def data_fingerprint(tasks: Mapping[str, Any], image_column: str) -> str:
+def data_fingerprint(tasks: Mapping[str, Any], image_column: str, label_column: str | None = None) -> str:
     """What a run trains on, as one sha256: each task's training images in order (a file by its path below the
-    images' common folder, size and mtime; an embedded image by its bytes). Recorded with the run's arguments, so a
-    resume on changed data (class folders swapped, files replaced) is refused and a grid does not reuse the run."""
+    images' common folder, size and mtime; an embedded image by its bytes) and, given `label_column`, their labels.
+    Recorded with the run's arguments, so a resume on changed data (class folders swapped, files replaced, labels
+    changed) is refused and a grid does not reuse the run. A content hash of what trains, not the fingerprint `datasets`
+    keeps: that one follows the dataset's history, and turns random after a transform it cannot hash, so the same
+    data given again could look different."""
     digest = hashlib.sha256()
     for name in sorted(tasks):
         train = undecoded(tasks[name].train, image_column)
@@ -140,4 +143,6 @@ def data_fingerprint(tasks: Mapping[str, Any], image_column: str) -> str:
                 digest.update(f"{os.path.relpath(value['path'], root)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
             else:
                 digest.update(repr(value).encode())
+        if label_column is not None:
+            digest.update(f"labels {list(train[label_column])}\n".encode())
     return digest.hexdigest()

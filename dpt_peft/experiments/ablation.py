@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import statistics
 
+from ..sources import TOY_CLIP_ID
+from ..training.arguments import SHIPPED_CONFIG_DEFAULTS
 from ..utils.plots import plot_ablation
 from ..utils.write_policy import OutputFolder, checked_file
 from .grid import GridRun, run_grid
 
 METHODS = ("coop", "vpt", "vpt_coop", "dpt")
-LABELS = {"zero_shot": "Zero-shot CLIP", "coop": "CoOp", "vpt": "VPT", "vpt_coop": "VPT+CoOp", "dpt": "DPT"}
+LABELS = {"zero_shot": "Zero-shot", "coop": "CoOp", "vpt": "VPT", "vpt_coop": "VPT+CoOp", "dpt": "DPT"}
 
 
 def run_ablation(
@@ -52,27 +54,40 @@ def report_paths(output_dir: str, docs_dir: str | None = None) -> tuple[str, str
     return os.path.join(folder, "results.md"), os.path.join(folder, "ablation.png")
 
 
-def check_report_target(markdown_path: str, figure_path: str, overwrite: bool = False) -> None:
+def check_report_target(
+    markdown_path: str, figure_path: str, overwrite: bool = False, flag: str = "--docs_dir"
+) -> None:
     """Before the grid runs: the report files can be written, and none is a file dpt_peft did not write (unless
-    `overwrite`, --overwrite_output_dir: e.g. the repository's own docs/results.md, regenerated on purpose)."""
+    `overwrite`, --overwrite_reports: e.g. the repository's own docs/results.md, regenerated on purpose)."""
     json_path = os.path.splitext(markdown_path)[0] + ".json"
     for path in (markdown_path, json_path, figure_path):
-        checked_file(path, "--docs_dir", "--overwrite_output_dir", overwrite)
+        checked_file(path, flag, "--overwrite_reports", overwrite)
 
 
-def write_report(results: dict[str, list[float]], markdown_path: str, figure_path: str, command: str) -> None:
-    """results.md, results.json and the figure, each written atomically and recorded as dpt_peft's."""
+def write_report(
+    results: dict[str, list[float]],
+    markdown_path: str,
+    figure_path: str,
+    command: str,
+    options: dict | None = None,
+    config_options: dict | None = None,
+) -> None:
+    """results.md, results.json and the figure, each written atomically and recorded as dpt_peft's; `options` and
+    `config_options` are the flags every run was given (they name the base model and its settings)."""
+    base = (options or {}).get("model_name_or_path") or TOY_CLIP_ID
+    settings = {**SHIPPED_CONFIG_DEFAULTS.get(base, {}), **(config_options or {})}
+    described = ", ".join(f"{name} {value}" for name, value in settings.items())
     figures = OutputFolder(os.path.dirname(figure_path) or ".")
     figures.write(os.path.basename(figure_path), lambda path: plot_ablation(results, LABELS, str(path)))
     figure = os.path.relpath(figure_path, os.path.dirname(markdown_path))
     text = f"""# Ablation on the embedded default
 
-Measured by `{command}` on 2 CPU cores: the toy CLIP shipped in `dpt_peft/toy/assets`, the `toy-position`
+Measured by `{command}` on 2 CPU cores: base model `{base}`, the `toy-position`
 task (5 classes, 16 shots per class, the same 600 held-out test images for every seed), the DPT recipe of
 docs/method.md section 5 (SGD, 60 epochs, batch 32; VPT+CoOp and DPT with guidance for the first 30 epochs, CoOp and VPT
-with plain cross-entropy, as the reference trainers) with the two toy settings
-(4 context tokens, no augmentation). Each seed draws its own training pool and few-shot set; every method
-sees the same ones. Zero-shot is plain CLIP with "a photo of a {{class}}.".
+with plain cross-entropy, as the reference trainers) with these settings: {described or "the paper's"}; no
+augmentation on toy tasks. Each seed draws its own training pool and few-shot set; every method
+sees the same ones. Zero-shot is the base model with "a photo of a {{class}}.".
 
 {summary_table(results)}
 

@@ -202,9 +202,11 @@ def benchmark(
     config_options: dict | None = None,
     skip_missing_images: bool = False,
     confidence_interval: bool = False,
+    overwrite_reports: bool = False,
 ) -> Path:
-    """Run the grid, aggregate it as CoOp/CoCoOp do and write the report; returns the path of results.md."""
-    check_report_target(protocol, output_dir)  # before the first run, not after the last
+    """Run the grid, aggregate it as CoOp/CoCoOp do and write the report; returns the path of results.md.
+    `overwrite_reports` (--overwrite_reports) replaces report files there that dpt_peft did not write."""
+    check_report_target(protocol, output_dir, overwrite_reports)  # before the first run, not after the last
     results = run_protocol(
         protocol,
         data_root,

@@ -117,9 +117,10 @@ def _average_over_datasets(protocol: str, rows: list[dict]) -> list[dict]:
     return averages
 
 
-def check_report_target(protocol: str, output_dir: str) -> None:
-    """Before the grid runs: the report files can be written, and none there is a file dpt_peft did not write."""
-    OutputFolder(Path(output_dir) / protocol).check(REPORT_FILES)
+def check_report_target(protocol: str, output_dir: str, overwrite: bool = False) -> None:
+    """Before the grid runs: the report files can be written, and none there is a file dpt_peft did not write
+    (unless `overwrite`, --overwrite_reports)."""
+    OutputFolder(Path(output_dir) / protocol).check(REPORT_FILES, "--overwrite_reports", overwrite)
 
 
 def write_report(protocol: str, rows: list[dict], output_dir: str, confidence_interval: bool = False) -> Path:

@@ -16,6 +16,7 @@ from peft import AutoPeftModel, PeftConfig
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
+from ..adapter_files import local_weights
 from ..backbones import backbone_for
 from ..config import DPTConfig
 from ..peft_model import DPTPeftModel
@@ -83,6 +84,7 @@ class AutoDPTModel(AutoPeftModel):
         if isinstance(config, PretrainedConfig):
             config, base_config = None, config
         source = str(pretrained_model_name_or_path)
+        local_weights(source, adapter_options.get("subfolder"))  # a local folder is complete before the base loads
         peft_config = config or PeftConfig.from_pretrained(
             source, revision=revision, subfolder=adapter_options.get("subfolder"), **hub
         )
@@ -90,6 +92,10 @@ class AutoDPTModel(AutoPeftModel):
             raise ValueError(
                 f"{source!r} holds a {getattr(peft_config.peft_type, 'value', peft_config.peft_type)} adapter, not a "
                 "DPT one; load it with peft.AutoPeftModel or PeftModel.from_pretrained."
+            )
+        if config is None:  # read again as DPT: sizes against the weights' header, init_from dropped, before the base
+            peft_config = DPTConfig.from_pretrained(
+                source, revision=revision, subfolder=adapter_options.get("subfolder"), **hub
             )
         clip = _load_base_clip(peft_config, base_model_name_or_path, base_config, hub, kwargs)
         if low_cpu_mem_usage and "torch_device" not in adapter_options:

@@ -22,7 +22,14 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from ..utils.write_policy import MANIFEST_FILE, OutputFolder, OutputRefused, UserInputError, check_writable_dir
+from ..utils.write_policy import (
+    MANIFEST_FILE,
+    OutputFolder,
+    OutputRefused,
+    UserInputError,
+    check_writable_dir,
+    read_json,
+)
 from .run_layout import LOCK_FILE, RUN_FILE
 from .run_lock import RunLock, check_lock
 
@@ -48,16 +55,11 @@ def first_difference(old: Any, new: dict) -> str | None:
         if old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
     if old.get(DATA_KEY) != new.get(DATA_KEY):  # the arguments alone: a cause the user can see comes first
-        return f"{DATA_KEY}: the training images changed (files added, removed, moved between classes or modified)"
+        return (
+            f"{DATA_KEY}: the training images changed or were relabelled (files added, removed, moved between "
+            "classes or modified)"
+        )
     return None
-
-
-def read_json(path: Path, what: str, fix: str) -> Any:
-    """JSON from `path`; an unreadable or truncated file is an error naming it and the fix."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserInputError(f"{path} ({what}) cannot be read: {err}. The file is truncated or corrupt; {fix}") from err
 
 
 def check_run_flags(
@@ -73,9 +75,7 @@ def check_run_flags(
         raise UserInputError(
             "--overwrite_output_dir deletes the run that --resume_from_checkpoint continues; pass only one of them."
         )
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserInputError(f"--output_dir {output_dir} is a file, not a directory; choose another --output_dir.")
+    check_writable_dir(output_dir, "--output_dir")  # before the data loads
 
 
 def own_entries(output_dir: Path) -> tuple[list[str], list[str]]:

@@ -220,7 +220,10 @@ def run_identity(args: TrainArguments, config_overrides: dict, tasks: dict[str, 
     class_names = {name: data.class_names for name, data in tasks.items()} if len(tasks) > 1 else None
     class_names = class_names or next(iter(tasks.values())).class_names
     config = DPTConfig.for_method(args.method, class_names=class_names, **config_overrides)
-    identity = {**args.run_identity(config), "data_fingerprint": data_fingerprint(tasks, args.image_column)}
+    identity = {
+        **args.run_identity(config),
+        "data_fingerprint": data_fingerprint(tasks, args.image_column, args.label_column),
+    }
     return config, normalized(identity)
 
 

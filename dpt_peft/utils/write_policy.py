@@ -95,6 +95,36 @@ def check_writable_dir(directory: str | os.PathLike, flag: str) -> None:
     os.unlink(probe)
 
 
+def read_json(path: str | os.PathLike, what: str, fix: str, mapping: bool = False) -> Any:
+    """An input file of JSON (or YAML, by its suffix); a missing, unreadable, truncated or malformed one (or, with
+    `mapping`, one not holding a mapping) is a `UserInputError` naming the file, what it is and `fix`."""
+    path = Path(path)
+    malformed: tuple[type[Exception], ...] = (OSError, ValueError)  # UnicodeDecodeError, JSONDecodeError
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # only for YAML settings files
+
+            malformed += (yaml.YAMLError,)
+            content = yaml.safe_load(text)
+        else:
+            content = json.loads(text)
+    except FileNotFoundError as err:
+        raise UserInputError(f"{path} ({what}) does not exist; {fix}") from err
+    except IsADirectoryError as err:
+        raise UserInputError(f"{path} ({what}) is a folder, not a file; {fix}") from err
+    except malformed as err:
+        detail = " ".join(str(err).split())
+        raise UserInputError(
+            f"{path} ({what}) cannot be read: {detail}. The file is truncated or corrupt; {fix}"
+        ) from err
+    if mapping and not isinstance(content, dict):
+        raise UserInputError(
+            f"{path} ({what}) holds a {type(content).__name__}, not a mapping of names to values; {fix}"
+        )
+    return content
+
+
 class OutputFolder:
     """A folder dpt_peft writes into, with its manifest (`MANIFEST_FILE`: relative path -> sha256)."""
 

@@ -1,0 +1,176 @@
+"""The parser of every command, and the overview `dpt-peft --help` prints: the one source of the help texts that
+dpt_peft_launcher.py prints without importing torch (written by `python -m dpt_peft.cli.help_files`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from .train_args import TRAIN_DESCRIPTION, HelpFormatter, add_train_fields, build_parser
+
+COMMAND_DESCRIPTIONS = {
+    "train": TRAIN_DESCRIPTION,
+    "evaluate": """Evaluate an adapter on a dataset split, optionally on base and new classes apart.
+
+The data flags are train's (same names, defaults and help): repeat a run's data flags to evaluate on its data.""",
+    "predict": "Classify images with an adapter: the top classes of each, as a table and as JSON lines in --output.",
+    "visualize": """Draw the class-aware attention maps of each image's top classes, one PNG per image.
+
+With --context, also print the vocabulary tokens nearest to each learned context vector.""",
+    "ablation": """Compare zero-shot CLIP, CoOp, VPT, VPT+CoOp and DPT on the embedded default over several seeds.
+
+Writes results.md, results.json and ablation.png. Any of train's flags given here go to every training run (e.g.
+--epochs 10); `dpt-peft train --help` lists them.""",
+    "benchmark": """Run the paper's protocols on the CoOp datasets as a resumable grid of runs, and report them.
+
+Writes results.md, results.csv and plots to --output_dir. Any of train's flags given here go to every training run;
+`dpt-peft train --help` lists them.""",
+    "data": "Check that CoOp datasets are laid out, split and complete as CoOp expects (`data check`).",
+}
+
+
+def _parser(command: str, passes_on_train_flags: bool = False) -> argparse.ArgumentParser:
+    """`passes_on_train_flags`: no abbreviations, so that train's --seed or --dataset is not taken for --seeds or
+    --datasets."""
+    return argparse.ArgumentParser(
+        prog=f"dpt-peft {command}",
+        description=COMMAND_DESCRIPTIONS[command],
+        formatter_class=HelpFormatter,
+        allow_abbrev=not passes_on_train_flags,
+    )
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = _parser("evaluate")
+    parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
+    parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the one the adapter records).")
+    add_train_fields(parser, {"dataset": [], "data_root": [], "subsample_classes": []})
+    parser.add_argument("--test_split", "--split", "--test-split", default="test", help="Split to evaluate.")
+    add_train_fields(
+        parser, {"image_column": [], "label_column": [], "class_names_file": [], "eval_batch_size": ["--batch_size"]}
+    )
+    parser.add_argument("--seed", type=int, default=1, help="Seed of generated toy datasets, as train's --seed.")
+    parser.add_argument("--output_dir", default="outputs/eval", help="Folder for eval_metrics.json and plots.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace reports in --output_dir that dpt_peft did not write.",
+    )
+    parser.add_argument("--base_to_new", action="store_true", help="Also evaluate base/new halves of the classes.")
+    parser.add_argument(
+        "--base_classes",
+        default=None,
+        help="Comma-separated base class names (default: the first half, rounded up, as CoOp).",
+    )
+    parser.add_argument(
+        "--new_classes", default=None, help="Comma-separated new class names (default: the classes not in base)."
+    )
+    return parser
+
+
+def _image_parser(command: str, top_k: int) -> argparse.ArgumentParser:
+    parser = _parser(command)
+    parser.add_argument("images", nargs="+", help="Image files and/or directories of images.")
+    parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
+    parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the one the adapter records).")
+    parser.add_argument("--class_names_file", default=None, help="New label space, one class name per line.")
+    parser.add_argument("--top_k", type=int, default=top_k, help="Classes reported per image.")
+    return parser
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = _image_parser("predict", top_k=5)
+    parser.add_argument("--output", default="predictions.jsonl", help="JSON lines: path, labels, probabilities.")
+    parser.add_argument("--overwrite_output", action="store_true", help="Replace an existing --output file.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
+    return parser
+
+
+def visualize_parser() -> argparse.ArgumentParser:
+    parser = _image_parser("visualize", top_k=3)
+    parser.add_argument("--output_dir", default="outputs/attention", help="Folder for one PNG per image.")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Replace PNGs in --output_dir that dpt_peft did not write."
+    )
+    parser.add_argument("--context", action="store_true", help="Print the nearest tokens of the learned context.")
+    return parser
+
+
+def ablation_parser() -> argparse.ArgumentParser:
+    parser = _parser("ablation", passes_on_train_flags=True)
+    parser.add_argument("--output_dir", default="outputs/ablation", help="Folder of the ablation's training runs.")
+    parser.add_argument(
+        "--docs_dir", default=None, help="Folder for results.md, results.json and ablation.png (default: --output_dir)."
+    )
+    parser.add_argument(
+        "--overwrite_reports", action="store_true", help="Replace report files dpt_peft did not write (e.g. docs/)."
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds of every method's runs (CoOp's)."
+    )
+    return parser
+
+
+def benchmark_parser() -> argparse.ArgumentParser:
+    from ..experiments.benchmark import FEW_SHOT_DATASETS, PROTOCOLS
+
+    parser = _parser("benchmark", passes_on_train_flags=True)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="few_shot", help="The paper's protocol to run.")
+    parser.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
+    parser.add_argument("--datasets", nargs="+", default=list(FEW_SHOT_DATASETS), help="Training (or target) datasets.")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="Training images per class.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds of every cell's runs.")
+    parser.add_argument(
+        "--methods", nargs="+", default=["coop", "vpt", "vpt_coop", "dpt"], help="Methods (train's --method presets)."
+    )
+    parser.add_argument("--model_name_or_path", default="openai/clip-vit-base-patch16", help="Base CLIP.")
+    parser.add_argument("--output_dir", default="outputs/benchmark", help="Folder of the grid's runs and reports.")
+    parser.add_argument(
+        "--confidence_interval", action="store_true", help="Add a 95%% confidence interval to every table cell."
+    )
+    parser.add_argument(
+        "--overwrite_reports",
+        action="store_true",
+        help="Replace results.md, results.csv and plots in --output_dir/<protocol> that dpt_peft did not write.",
+    )
+    return parser
+
+
+def data_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """`data` and its `check` subcommand."""
+    from ..data.catalog import DATASET_NAMES
+
+    parser = _parser("data")
+    commands = parser.add_subparsers(dest="command", required=True, title="commands")
+    check = commands.add_parser(
+        "check",
+        help="Verify layouts, split files and image counts.",
+        description=COMMAND_DESCRIPTIONS["data"],
+        formatter_class=HelpFormatter,
+    )
+    check.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
+    check.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), help="Datasets to check.")
+    check.add_argument("--skip_missing_images", action="store_true", help="Report missing images as skipped.")
+    return parser, check
+
+
+# Every help text the launcher ships, by its file name (dpt_peft/cli/help/<name>.txt).
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "train": build_parser,
+    "evaluate": evaluate_parser,
+    "predict": predict_parser,
+    "visualize": visualize_parser,
+    "ablation": ablation_parser,
+    "benchmark": benchmark_parser,
+    "data": lambda: data_parsers()[0],
+    "data-check": lambda: data_parsers()[1],
+}
+
+
+def overview() -> str:
+    """What `dpt-peft --help` prints: each command with the first sentence of its description."""
+    names = list(COMMAND_DESCRIPTIONS)
+    lines = [f"usage: dpt-peft {{{','.join(names)}}} [--help] ...", "", "commands:"]
+    lines += [f"  {name:10} {COMMAND_DESCRIPTIONS[name].splitlines()[0]}" for name in names]
+    lines += ["", "`dpt-peft <command> --help` lists a command's flags."]
+    return "\n".join(lines) + "\n"
