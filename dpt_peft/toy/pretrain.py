@@ -28,28 +28,31 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+# The toy towers' sizes, shared by the toy CLIP and the toy SigLIP (their configs add each family's own fields).
+TOY_TEXT_TOWER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
+TOY_VISION_TOWER = dict(
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+)
+TOY_TEXT_CONTEXT = 16
+
+
 def toy_clip_config(tokenizer: CLIPTokenizer) -> CLIPConfig:
     """About 375k parameters: vision 32 px, patch 8, width 64, 4 layers; text width 64, 3 layers, 16 positions."""
     return CLIPConfig(
         text_config=dict(
+            **TOY_TEXT_TOWER,
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=16,
+            max_position_embeddings=TOY_TEXT_CONTEXT,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-        ),
+        vision_config=TOY_VISION_TOWER,
         projection_dim=64,
     )
 

@@ -31,12 +31,20 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
-from .pretrain import contrastive_loss, pretraining_main, save_toy, train_on_shapes
+from .pretrain import (
+    TOY_TEXT_CONTEXT,
+    TOY_TEXT_TOWER,
+    TOY_VISION_TOWER,
+    contrastive_loss,
+    pretraining_main,
+    save_toy,
+    train_on_shapes,
+)
 from .shapes import IMAGE_SIZE, VOCABULARY, captions, render
 
 SIGLIP_ASSETS = Path(__file__).parent / "siglip_assets"
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
-TEXT_CONTEXT = 16  # SigLIP's is 64; the toy's captions and prompts are short
+TEXT_CONTEXT = TOY_TEXT_CONTEXT  # SigLIP's is 64; the toy's captions and prompts are short
 PAD, END, UNKNOWN = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in SigLIP's SentencePiece vocabulary
 
 
@@ -69,25 +77,15 @@ def toy_siglip_config(tokenizer: PreTrainedTokenizerFast) -> SiglipConfig:
     SigLIP's towers: no CLS, an attention-pooling head, a bidirectional text tower pooled at its last position."""
     return SiglipConfig(
         text_config=dict(
+            **TOY_TEXT_TOWER,
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
             max_position_embeddings=TEXT_CONTEXT,
             projection_size=64,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
         ),
-        vision_config=dict(
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-        ),
+        vision_config=TOY_VISION_TOWER,
     )
 
 
