@@ -149,7 +149,7 @@ def measure(
     def text_step() -> None:
         """The class side of a training step alone: every class prompt through the text encoder, and back."""
         with autocast:
-            features = model.base_model.class_text_features()
+            features = model.class_text_features()
         if features.requires_grad:
             features.float().square().mean().backward()
 

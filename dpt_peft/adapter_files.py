@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .utils.write_policy import UserInputError, read_json
+from .utils.errors import MissingInputError, UserInputError
+from .utils.write_policy import read_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"  # PEFT's CONFIG_NAME, spelled here to keep this module free of PEFT
@@ -141,19 +143,30 @@ def check_config_matches_weights(config: Any, shapes: dict[str, list[int]], wher
             differs("text_hidden_size", f"{key} is {shape}")
 
 
-def local_weights(path: str | os.PathLike, subfolder: str | None = None) -> Path | None:
-    """The weights file of an adapter folder on this machine, or None (a Hub id: PEFT downloads it later).
+@dataclass(frozen=True)
+class LocalAdapter:
+    """An adapter folder on this machine as checked once: its config as read and its weights' tensor shapes, handed on
+    so that parsing the config and comparing its sizes read neither file again."""
 
-    A folder on this machine must be a complete adapter before anything is loaded: a path that does not exist (and
-    cannot be a Hub id), a file, a folder without `adapter_config.json` or `WEIGHTS_NAME`, or a config that is not a
-    JSON mapping is refused naming the path and the fix, not found to be wrong after the base model has loaded.
+    folder: Path
+    raw_config: dict[str, Any]
+    shapes: dict[str, list[int]]
+
+
+def read_local_adapter(path: str | os.PathLike, subfolder: str | None = None) -> LocalAdapter | None:
+    """The adapter folder at `path` checked before anything is built from it, or None (a Hub id: PEFT downloads it).
+
+    A folder on this machine must be a complete adapter: a path that does not exist (and cannot be a Hub id), a file,
+    a folder without `adapter_config.json` or `WEIGHTS_NAME`, a config that is not a JSON mapping or is too large,
+    and a weights file that is truncated or whose class-aware classifier does not fit the config's class count are
+    refused naming the path and the fix, not found to be wrong after the base model has loaded.
     """
     folder = Path(path, subfolder) if subfolder else Path(path)
     expected = f"give the folder save_pretrained wrote (it holds {CONFIG_FILE} and {WEIGHTS_NAME})"
     if not folder.exists():
         if _HUB_ID.fullmatch(str(path)) and not subfolder:
             return None
-        raise AdapterFileError(f"The adapter folder {str(folder)!r} does not exist; {expected}, or a Hub id.")
+        raise MissingInputError(f"The adapter folder {str(folder)!r} does not exist; {expected}, or a Hub id.")
     if not folder.is_dir():
         raise AdapterFileError(
             f"The adapter {str(folder)!r} is a file, not a folder; give the folder that holds the adapter "
@@ -161,7 +174,7 @@ def local_weights(path: str | os.PathLike, subfolder: str | None = None) -> Path
         )
     if not (folder / CONFIG_FILE).is_file():
         raise AdapterFileError(f"The adapter folder {str(folder)!r} holds no {CONFIG_FILE}; {expected}.")
-    read_config_json(folder / CONFIG_FILE)
+    raw_config = read_config_json(folder / CONFIG_FILE)
     weights = folder / WEIGHTS_NAME
     if (folder / "adapter_model.bin").exists() and not weights.is_file():
         raise AdapterFileError(
@@ -170,4 +183,6 @@ def local_weights(path: str | os.PathLike, subfolder: str | None = None) -> Path
         )
     if not weights.is_file():
         raise AdapterFileError(f"The adapter folder {str(folder)!r} holds no {WEIGHTS_NAME}; {expected}.")
-    return weights
+    shapes = saved_shapes(weights)
+    check_class_count(raw_config, shapes, str(folder))
+    return LocalAdapter(folder, raw_config, shapes)

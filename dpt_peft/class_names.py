@@ -7,6 +7,8 @@ import re
 import unicodedata
 import warnings
 
+from .utils.errors import UserInputError
+
 ClassNames = list[str] | dict[str, list[str]]
 DEFAULT_TASK = "default"
 _WHITESPACE = re.compile(r"\s+")
@@ -32,21 +34,21 @@ def display_names(class_names: list[str]) -> list[str]:
 
 def validate_class_names(class_names: ClassNames | None) -> None:
     if class_names is None:
-        raise ValueError("class_names is required: pass the list of class names, e.g. ['cat', 'dog'].")
+        raise UserInputError("class_names is required: pass the list of class names, e.g. ['cat', 'dog'].")
     tasks = class_names if isinstance(class_names, dict) else {DEFAULT_TASK: class_names}
     if not tasks:
-        raise ValueError("class_names is an empty dict; give at least one task with its class names.")
+        raise UserInputError("class_names is an empty dict; give at least one task with its class names.")
     for task, names in tasks.items():
         where = "class_names" if not isinstance(class_names, dict) else f"class_names[{task!r}]"
         if isinstance(names, str) or not isinstance(names, (list, tuple)):
-            raise ValueError(f"{where} must be a list of strings, got {type(names).__name__}.")
+            raise UserInputError(f"{where} must be a list of strings, got {type(names).__name__}.")
         if not names:
-            raise ValueError(f"{where} is empty; give at least one class name.")
+            raise UserInputError(f"{where} is empty; give at least one class name.")
         seen: dict[str, list[str]] = {}
         for index, name in enumerate(names):
             normalized = normalize_class_name(name) if isinstance(name, str) else ""
             if not normalized:
-                raise ValueError(f"{where}[{index}]={name!r} is empty; every class needs a non-empty name.")
+                raise UserInputError(f"{where}[{index}]={name!r} is empty; every class needs a non-empty name.")
             seen.setdefault(normalized.lower(), []).append(name)
         repeated = [spellings for spellings in seen.values() if len(spellings) > 1]
         if repeated:

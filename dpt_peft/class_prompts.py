@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from .backbones import PromptFormat
 from .class_names import normalize_class_name
 from .config import DPTConfig
+from .utils.errors import UserInputError
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ def _framed(prompt_format: PromptFormat, ids: list[int]) -> list[int]:
 
 def _check_name_ids(prompt_format: PromptFormat, name: str, ids: list[int], where: str) -> None:
     if not ids:
-        raise ValueError(f"{where}: {name!r} gives no tokens; use text with letters or digits.")
+        raise UserInputError(f"{where}: {name!r} gives no tokens; use text with letters or digits.")
     special = {prompt_format.end_id, prompt_format.start_id}
     if special & set(ids):
-        raise ValueError(
+        raise UserInputError(
             f"{where}: {name!r} tokenizes to a start/end-of-text token (characters unknown to the tokenizer), "
             "which would break EOT pooling; change the text or use the model's own tokenizer."
         )
@@ -98,7 +99,7 @@ def build_prompt_layout(
         context_rows = [None] * starts + [*ctx_a, *[None] * len(name_ids), *ctx_b, *[None] * (len(period) + 1)]
         segments = list(zip(tokens, context_rows))
         if len(segments) > max_length:
-            raise ValueError(
+            raise UserInputError(
                 f"The prompt for class {name!r} is {len(segments)} tokens long ({num_context} context tokens + the "
                 f"name), more than the text encoder's context of {max_length}; shorten the class name or reduce "
                 "num_text_tokens."
@@ -131,7 +132,7 @@ def build_template_ids(
         _check_name_ids(prompt_format, name, text_ids, "zero_shot_template")
         ids = _framed(prompt_format, text_ids)
         if len(ids) > max_length:
-            raise ValueError(
+            raise UserInputError(
                 f"The zero-shot prompt {text!r} for class {name!r} is {len(ids)} tokens long, more than the text "
                 f"encoder's context of {max_length}; shorten the class name or zero_shot_template."
             )

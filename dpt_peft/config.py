@@ -9,18 +9,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
-from peft.utils import CONFIG_NAME
 
-from .adapter_files import (
-    check_class_count,
-    check_config_matches_weights,
-    local_weights,
-    read_config_json,
-    saved_shapes,
-)
+from .adapter_files import AdapterFileError, check_config_matches_weights, read_config_json, read_local_adapter
 from .backbones import Backbone
 from .class_names import DEFAULT_TASK, ClassNames, validate_class_names
 from .peft_types import DPT_PEFT_TYPE, DPT_TASK_TYPE
+from .utils.errors import UserInputError
 
 # Recorded from the base model when an adapter is created (checked on load); never set by users.
 BASE_SHAPE_FIELDS = ("vision_hidden_size", "vision_num_layers", "text_hidden_size", "projection_dim")
@@ -49,6 +43,11 @@ METHOD_PRESETS: dict[str, dict[str, object]] = {
     "vpt_coop": {"learn_text_context": True, "num_visual_tokens": 10, "class_aware": False},
     "dpt": {"learn_text_context": True, "num_visual_tokens": 10, "class_aware": True},
 }
+
+
+def _saved_fields(raw_config: dict) -> dict:
+    """The fields of a saved config as PEFT reads them: without the `runtime_config` that PEFT ignores too."""
+    return {key: value for key, value in raw_config.items() if key != "runtime_config"}
 
 
 @dataclass
@@ -205,23 +204,34 @@ class DPTConfig(PeftConfig):
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
         """PEFT's reader, refusing an oversized file before reading it (`adapter_files.read_config_json`)."""
-        json_object = read_config_json(path_json_file)
-        json_object.pop("runtime_config", None)  # PEFT ignores it too
-        return json_object
+        return _saved_fields(read_config_json(path_json_file))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> DPTConfig:
-        """PEFT's loader, with a saved adapter checked before anything is built from it: types and ranges (as for
-        any config), every size against the weights' header when the weights are on this machine (PEFT checks a Hub
-        adapter's when it loads them), and `init_from` dropped: it was applied when the adapter was made and is
-        recorded as `initialized_from`, so a downloaded config never makes the loader read other paths or repos."""
-        weights = local_weights(pretrained_model_name_or_path, subfolder)
-        shapes = None if weights is None else saved_shapes(weights)
-        if shapes is not None:
-            check_class_count(read_config_json(weights.parent / CONFIG_NAME), shapes, str(weights.parent))
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if shapes is not None:
-            check_config_matches_weights(config, shapes, str(weights.parent))
+        """PEFT's loader, with a saved adapter checked once before anything is built from it: the folder complete and
+        each file read once with bounds (`adapter_files.read_local_adapter`), another method's adapter refused, types
+        and ranges (as for any config), every size against the weights' header when the weights are on this machine
+        (PEFT checks a Hub adapter's when it loads them), and `init_from` dropped: it was applied when the adapter was
+        made and is recorded as `initialized_from`, so a downloaded config never makes the loader read other paths or
+        repos. `kwargs` are Hub download options (`revision`, `token`, ...), used for a Hub id."""
+        local = read_local_adapter(pretrained_model_name_or_path, subfolder)
+        where = str(pretrained_model_name_or_path if local is None else local.folder)
+        try:
+            if local is None:
+                config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            else:
+                config = cls.from_peft_type(**cls.check_kwargs(**_saved_fields(local.raw_config)))
+        except ValueError as err:
+            if isinstance(err, UserInputError):  # already names the file and the fix
+                raise
+            raise AdapterFileError(f"Could not use the adapter in {where!r}: {err}") from err
+        if not isinstance(config, DPTConfig):
+            raise AdapterFileError(
+                f"{where!r} holds a {getattr(config.peft_type, 'value', config.peft_type)} adapter, not a DPT one; "
+                "load it with peft.AutoPeftModel or PeftModel.from_pretrained."
+            )
+        if local is not None:
+            check_config_matches_weights(config, local.shapes, where)
         if config.init_from:
             warnings.warn(
                 f"Ignoring init_from={config.init_from} in {pretrained_model_name_or_path}: sources initialize an "
@@ -236,7 +246,7 @@ class DPTConfig(PeftConfig):
     def for_method(cls, method: str, **kwargs) -> DPTConfig:
         """Config of one ablation row: `"coop"`, `"vpt"`, `"vpt_coop"` or `"dpt"`; `kwargs` override."""
         if method not in METHOD_PRESETS:
-            raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHOD_PRESETS)}.")
+            raise UserInputError(f"method={method!r} is unknown; choose one of {sorted(METHOD_PRESETS)}.")
         return cls(**{**METHOD_PRESETS[method], **kwargs})
 
     @classmethod
@@ -282,7 +292,7 @@ class DPTConfig(PeftConfig):
     def validate_for_model(self, backbone: Backbone) -> None:
         """Checks that need the base model (its shape, its text tower); raised before anything is injected."""
         if self.base_model_family not in (None, backbone.family):
-            raise ValueError(
+            raise UserInputError(
                 f"This adapter was made for a {self.base_model_family} base model (base_model_family in "
                 f"adapter_config.json) and cannot load into a {backbone.family} one: prompts are learned for one "
                 f"model's embeddings. Load it into the {self.base_model_family} model it was trained on "
@@ -292,29 +302,29 @@ class DPTConfig(PeftConfig):
         mismatched = {k: (getattr(self, k), v) for k, v in actual.items() if getattr(self, k) not in (None, v)}
         if mismatched:
             details = ", ".join(f"{k}: adapter {a}, model {m}" for k, (a, m) in mismatched.items())
-            raise ValueError(
+            raise UserInputError(
                 f"This adapter was made for a CLIP of another shape ({details}); load it into the base model it "
                 f"was trained on ({self.base_model_name_or_path or 'see adapter_config.json'}). A DPTConfig "
                 "records the shape of the first CLIP it is applied to: for another CLIP, create a new DPTConfig."
             )
         if self.text_encoding == "shared_prefix" and not backbone.causal_text:
-            raise ValueError(
+            raise UserInputError(
                 f"text_encoding='shared_prefix' needs a causal text tower, and the {backbone.family} one attends in "
                 "both directions (every position sees the class tokens, so nothing is shared); use 'auto' or 'full'."
             )
         num_layers, text_context_length = actual["vision_num_layers"], backbone.text_context_length
         if self.visual_depth is not None and self.visual_depth > num_layers:
-            raise ValueError(
+            raise UserInputError(
                 f"visual_depth={self.visual_depth} exceeds the {num_layers} vision layers of the base model; "
                 f"use a value from 1 to {num_layers}, or None."
             )
         if self.class_aware_layer is not None and not 0 <= self.class_aware_layer < num_layers:
-            raise ValueError(
+            raise UserInputError(
                 f"class_aware_layer={self.class_aware_layer} is not a vision layer of the base model; "
                 f"use a 0-based index from 0 to {num_layers - 1}, or None for the last layer."
             )
         if self.learn_text_context and self.text_init is None and self.num_text_tokens >= text_context_length - 2:
-            raise ValueError(
+            raise UserInputError(
                 f"num_text_tokens={self.num_text_tokens} leaves no room for a class name in the text encoder's "
                 f"context of {text_context_length} tokens; use fewer than {text_context_length - 3}."
             )
@@ -323,43 +333,43 @@ class DPTConfig(PeftConfig):
         validate_class_names(self.class_names)
         self._validate_numbers()
         if self.learn_text_context and self.text_init is None and self.num_text_tokens < 1:
-            raise ValueError(
+            raise UserInputError(
                 f"num_text_tokens={self.num_text_tokens}: the text context needs at least 1 token; set "
                 "num_text_tokens >= 1, give text_init, or set learn_text_context=False."
             )
         if self.text_init is not None and not self.text_init.strip():
-            raise ValueError("text_init is empty; give a phrase such as 'a photo of a', or None for random init.")
+            raise UserInputError("text_init is empty; give a phrase such as 'a photo of a', or None for random init.")
         for name in ("num_text_tokens", "num_visual_tokens", "class_aware_num_kv_tokens"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} is negative; use 0 or more.")
+                raise UserInputError(f"{name}={getattr(self, name)} is negative; use 0 or more.")
         for name in ("class_aware_top_k", "class_aware_attention_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+                raise UserInputError(f"{name}={getattr(self, name)} must be at least 1.")
         if self.visual_depth is not None and self.visual_depth < 1:
-            raise ValueError(
+            raise UserInputError(
                 f"visual_depth={self.visual_depth} must be at least 1; to disable deep visual prompts set "
                 "num_visual_tokens=0."
             )
         if self.class_aware_layer is not None and self.class_aware_layer < 0:
-            raise ValueError(f"class_aware_layer={self.class_aware_layer} must be a 0-based layer index (>= 0).")
+            raise UserInputError(f"class_aware_layer={self.class_aware_layer} must be a 0-based layer index (>= 0).")
         if self.class_token_position not in ("end", "middle", "front"):
-            raise ValueError(f"class_token_position={self.class_token_position!r}; use 'end', 'middle' or 'front'.")
+            raise UserInputError(f"class_token_position={self.class_token_position!r}; use 'end', 'middle' or 'front'.")
         if self.zero_shot_template.count("{}") != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"zero_shot_template={self.zero_shot_template!r} must contain exactly one '{{}}' for the class name."
             )
         if self.text_encoding not in ("auto", "shared_prefix", "full"):
-            raise ValueError(f"text_encoding={self.text_encoding!r}; use 'auto', 'shared_prefix' or 'full'.")
+            raise UserInputError(f"text_encoding={self.text_encoding!r}; use 'auto', 'shared_prefix' or 'full'.")
         if self.visual_prompt_init not in ("random", "prototype"):
-            raise ValueError(f"visual_prompt_init={self.visual_prompt_init!r}; use 'random' or 'prototype'.")
+            raise UserInputError(f"visual_prompt_init={self.visual_prompt_init!r}; use 'random' or 'prototype'.")
         if isinstance(self.init_from, str):
             self.init_from = [self.init_from]
         if self.class_aware_loss_weight < 0:
-            raise ValueError(f"class_aware_loss_weight={self.class_aware_loss_weight} must be >= 0.")
+            raise UserInputError(f"class_aware_loss_weight={self.class_aware_loss_weight} must be >= 0.")
         if self.prompt_init_std <= 0:
-            raise ValueError(f"prompt_init_std={self.prompt_init_std} must be > 0.")
+            raise UserInputError(f"prompt_init_std={self.prompt_init_std} must be > 0.")
         if self.class_specific_context and isinstance(self.class_names, dict) and len(self.class_names) > 1:
-            raise ValueError(
+            raise UserInputError(
                 "class_specific_context=True ties the context to one label space; it cannot be combined with "
                 "several tasks in class_names. Use a shared context (class_specific_context=False)."
             )
@@ -369,11 +379,11 @@ class DPTConfig(PeftConfig):
         for name in INTEGER_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name}={value!r} must be a whole number (an int), e.g. {name}=10.")
+                raise UserInputError(f"{name}={value!r} must be a whole number (an int), e.g. {name}=10.")
         for name in FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}={value!r} must be a finite number.")
+                raise UserInputError(f"{name}={value!r} must be a finite number.")
         for name in BOOLEAN_FIELDS:  # a JSON "false" or "no" would otherwise act as True
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false (a boolean, not a string).")
+                raise UserInputError(f"{name}={getattr(self, name)!r} must be true or false (a boolean, not a string).")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .backbones import PromptFormat
 from .class_prompts import TaskClasses, build_label_space, context_init_ids
 from .config import DPTConfig
+from .sources import resolve
+from .utils.errors import UserInputError
 
 
 @dataclass
@@ -59,9 +61,26 @@ class LabelSpaces:
     def forget(self, adapter_name: str) -> None:
         self._adapters.pop(adapter_name, None)
 
-    def tokenizer_from(self, source: str) -> PreTrainedTokenizerBase | None:
-        """A tokenizer already loaded from `source`: adapters on one base model share it."""
-        return next((a.tokenizer for a in self._adapters.values() if a.tokenizer.name_or_path == source), None)
+    def load_tokenizer(self, config: DPTConfig, model_name_or_path: str, family: str) -> PreTrainedTokenizerBase:
+        """The tokenizer of a new adapter: `config.tokenizer_name_or_path`, else the base model's own name (the path
+        recorded at training time may not exist on this machine), else the recorded base; adapters on one base model
+        share it. `family` names the model family in messages ("CLIP", "SigLIP")."""
+        source = config.tokenizer_name_or_path or model_name_or_path or config.base_model_name_or_path
+        if not source:
+            raise UserInputError(
+                f"No {family} tokenizer found: the base model has no name_or_path (built from a config?). Set "
+                f"tokenizer_name_or_path in DPTConfig to a directory or Hub id with the {family} tokenizer."
+            )
+        loaded = next((a.tokenizer for a in self._adapters.values() if a.tokenizer.name_or_path == source), None)
+        if loaded is not None:
+            return loaded
+        try:
+            return AutoTokenizer.from_pretrained(resolve(source))
+        except (OSError, ValueError) as err:
+            raise UserInputError(
+                f"Could not load a {family} tokenizer from {source!r} ({err}). Set tokenizer_name_or_path in "
+                "DPTConfig to a directory or Hub id that holds the base model's tokenizer."
+            ) from err
 
     def tokenizer(self, adapter_name: str) -> PreTrainedTokenizerBase:
         return self._adapters[adapter_name].tokenizer
@@ -86,10 +105,10 @@ class LabelSpaces:
         tasks = self.tasks(adapter_name)
         if task is None:
             if len(tasks) > 1:
-                raise ValueError(f"This adapter has several tasks; pass task= one of {sorted(tasks)}.")
+                raise UserInputError(f"This adapter has several tasks; pass task= one of {sorted(tasks)}.")
             return next(iter(tasks.values()))
         if task not in tasks:
-            raise ValueError(f"Unknown task {task!r}; the tasks of adapter {adapter_name!r} are {sorted(tasks)}.")
+            raise UserInputError(f"Unknown task {task!r}; the tasks of adapter {adapter_name!r} are {sorted(tasks)}.")
         return tasks[task]
 
     def for_call(
@@ -102,7 +121,7 @@ class LabelSpaces:
         if labels.one_call is not None and labels.one_call.names == names:
             return labels.one_call
         if config.class_specific_context and names != self.task_classes(adapter_name).names:
-            raise ValueError(
+            raise UserInputError(
                 "This adapter learned one text context per class (class_specific_context=True), so it can only "
                 f"classify over its own classes {list(self.task_classes(adapter_name).names)}, not {list(names)}."
             )

@@ -7,7 +7,7 @@ adapters are disabled, so `disable_adapter()` gives the base CLIP exactly.
 
 What a layer needs for one forward (the prompt layout, each image's top-K class features) and what it
 produces (auxiliary logits, attention maps, captured inputs) live in a `ForwardContext`, which only
-`DPTModel.forward_context` creates and always clears. Layers hold a `ForwardContextSlot` (a plain
+`ForwardContextSlot.install` (the tuner's `forward_context`) creates and always clears. Layers hold the slot (a plain
 attribute, never a buffer, so PEFT does not save it) through which they read the current context.
 """
 
@@ -16,13 +16,16 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .class_prompts import PromptLayout
+from .utils.errors import UserInputError
 
 MERGE_REFUSAL = (
     "DPT's prompts are extra tokens, not a change of the base model's weights, so they cannot be merged into them; "
@@ -59,6 +62,17 @@ class ForwardContextSlot:
 
     def __init__(self) -> None:
         self.current = ForwardContext()
+
+    @contextmanager
+    def install(self, **inputs: Any) -> Iterator[ForwardContext]:
+        """A fresh `ForwardContext(**inputs)` for the layers to read and fill; the previous one is restored on exit,
+        even after an error, so nothing of one forward leaks into the next."""
+        context = ForwardContext(**inputs)
+        previous, self.current = self.current, context
+        try:
+            yield context
+        finally:
+            self.current = previous
 
 
 class ClassAwarePromptGenerator(nn.Module):
@@ -156,7 +170,7 @@ class DPTLayer(BaseTunerLayer):
         if self.disable_adapters or self.context.bypass or not self.active_adapters:
             return None
         if len(self.active_adapters) > 1:
-            raise ValueError(
+            raise UserInputError(
                 f"DPT applies one adapter at a time, but {self.active_adapters} are active; choose one with "
                 "model.set_adapter(name)."
             )

@@ -1,23 +1,28 @@
-"""`DPTModel`: the PEFT tuner that wires DPT's prompts into a `transformers.CLIPModel` and classifies with them."""
+"""`DPTModel`: the PEFT tuner that wires DPT's prompts into a `transformers.CLIPModel` and classifies with them.
+
+It owns two components and hands them what they need: `LabelSpaces` (each adapter's tokenized classes) and
+`ClassFeatures` (their text features, cached where exact). The image side, the forward context and the loss are here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .backbones import Backbone, backbone_for
-from .class_prompts import PromptLayout, TaskClasses
-from .classification import ClassificationMixin
+from .class_features import ClassFeatures
+from .class_prompts import TaskClasses
 from .config import DPTConfig
-from .feature_cache import ClassFeatureCache
+from .inputs import check_pixel_values, checked_labels
 from .label_space import LabelSpaces
 from .layer import (
     MERGE_REFUSAL,
@@ -29,12 +34,14 @@ from .layer import (
     TextContextEmbeddings,
     VisionPromptLayer,
 )
-from .shared_prefix import encode_with_shared_prefix, shared_prefix_length, usable_prefix_length
-from .sources import recorded_name, resolve
+from .losses import class_aware_cross_entropy, guidance_loss
+from .outputs import DPTOutput
+from .sources import recorded_name
 from .transfer import copy_shared_tensors, shared_source_tensors
+from .utils.errors import UserInputError
 
 
-class DPTModel(ClassificationMixin, BaseTuner):
+class DPTModel(BaseTuner):
     """Dual-modality Prompt Tuning of a frozen CLIP (https://arxiv.org/abs/2208.08340).
 
     Wraps the text embeddings (learned context) and the vision encoder layers that carry prompts (deep and
@@ -64,13 +71,13 @@ class DPTModel(ClassificationMixin, BaseTuner):
         self.backbone: Backbone = backbone_for(model)
         self._slot = ForwardContextSlot()
         self.label_spaces = LabelSpaces()
-        self.feature_cache = ClassFeatureCache()
+        self.class_features = ClassFeatures(self.backbone, self._slot)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Validate everything against the base model first, so a bad config leaves the CLIP untouched."""
         config: DPTConfig = self.peft_config[adapter_name]
         config.validate_for_model(self.backbone)
-        tokenizer = self._load_tokenizer(config)
+        tokenizer = self.label_spaces.load_tokenizer(config, self.model.name_or_path, self.backbone.display_name)
         prompt_format = self.backbone.prompt_format(tokenizer)
         classes = LabelSpaces.tokenize(config, tokenizer, prompt_format, self.text_context_length)
         sources = shared_source_tensors(config.init_from) if config.init_from else None
@@ -104,25 +111,6 @@ class DPTModel(ClassificationMixin, BaseTuner):
     def text_context_length(self) -> int:
         """Positions of the text encoder: the longest prompt it can encode."""
         return self.backbone.text_context_length
-
-    def _load_tokenizer(self, config: DPTConfig) -> PreTrainedTokenizerBase:
-        # The CLIP passed in comes first: the path recorded at training time may not exist on this machine.
-        source = config.tokenizer_name_or_path or self.model.name_or_path or config.base_model_name_or_path
-        if not source:
-            raise ValueError(
-                "No CLIP tokenizer found: the base model has no name_or_path (built from a config?). Set "
-                "tokenizer_name_or_path in DPTConfig to a directory or Hub id with the CLIP tokenizer."
-            )
-        loaded = self.label_spaces.tokenizer_from(source)
-        if loaded is not None:
-            return loaded
-        try:
-            return AutoTokenizer.from_pretrained(resolve(source))
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"Could not load a CLIP tokenizer from {source!r} ({err}). Set tokenizer_name_or_path in DPTConfig "
-                "to a directory or Hub id that holds the base model's tokenizer."
-            ) from err
 
     def _prepare_adapter_config(self, config: DPTConfig, model_config: dict) -> DPTConfig:
         return config  # targets come from the prompt settings (see `_target_keys`), not from `target_modules`
@@ -205,7 +193,7 @@ class DPTModel(ClassificationMixin, BaseTuner):
     # ------------------------------------------------------------------ adapters and their parameters
     def _forget(self, adapter_name: str) -> None:
         self.label_spaces.forget(adapter_name)
-        self.feature_cache.clear(adapter_name)
+        self.class_features.clear(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.check_adapter_names(adapter_name)
@@ -216,7 +204,7 @@ class DPTModel(ClassificationMixin, BaseTuner):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"Unknown adapter {unknown[0]!r}; the adapters are {sorted(self.peft_config)}.")
+            raise UserInputError(f"Unknown adapter {unknown[0]!r}; the adapters are {sorted(self.peft_config)}.")
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         self.check_adapter_names(adapter_name)
@@ -228,7 +216,7 @@ class DPTModel(ClassificationMixin, BaseTuner):
             if isinstance(module, DPTLayer):
                 parent_name, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent_name), child, module.base_layer)
-        self.feature_cache.clear()
+        self.class_features.clear()
         return self.model
 
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:
@@ -248,7 +236,7 @@ class DPTModel(ClassificationMixin, BaseTuner):
     @property
     def _active(self) -> str:
         if len(self.active_adapters) != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"DPT applies one adapter at a time, but {self.active_adapters} are active; choose one with "
                 "model.set_adapter(name)."
             )
@@ -291,11 +279,7 @@ class DPTModel(ClassificationMixin, BaseTuner):
 
     def text_context(self, adapter_name: str | None = None) -> nn.Parameter | None:
         """The learned context of an adapter (`[n_ctx, E]` or `[C, n_ctx, E]`), or None when it learns none."""
-        adapter_name = adapter_name or self._active
-        embeddings = self.backbone.text_embeddings
-        if isinstance(embeddings, TextContextEmbeddings) and adapter_name in embeddings.dpt_context:
-            return embeddings.dpt_context[adapter_name]
-        return None
+        return self.class_features.text_context(adapter_name or self._active)
 
     def token_embedding(self) -> nn.Embedding:
         """The text encoder's vocabulary embedding (wrapped or not, `token_embedding` is the same module)."""
@@ -327,7 +311,7 @@ class DPTModel(ClassificationMixin, BaseTuner):
         old_total = self.num_classes(adapter_name)
         new_total = sum(t.num_classes for t in classes.values())
         if config.class_specific_context and new_total != old_total:
-            raise ValueError(
+            raise UserInputError(
                 f"class_specific_context=True learned one context per class for {old_total} classes; it cannot "
                 f"serve {new_total}. Keep the class count or use an adapter with a shared context."
             )
@@ -338,7 +322,7 @@ class DPTModel(ClassificationMixin, BaseTuner):
             for _, layer in self._layers():
                 if isinstance(layer, VisionPromptLayer) and adapter_name in layer.dpt_class_aware:
                     layer.dpt_class_aware[adapter_name].reset_classifier(new_total)
-        self.feature_cache.clear(adapter_name)
+        self.class_features.clear(adapter_name)
 
     def class_names(self, task: str | None = None, adapter_name: str | None = None) -> list[str]:
         return list(self.task_classes(adapter_name or self._active, task).names)
@@ -351,49 +335,134 @@ class DPTModel(ClassificationMixin, BaseTuner):
         """One task's tokenized label space (`task` may be None for a single-task adapter)."""
         return self.label_spaces.task_classes(adapter_name, task)
 
+    def label_space_for(self, class_names: list[str], adapter_name: str | None = None) -> TaskClasses:
+        """A tokenized label space of other classes for one call (`classify(class_names=...)`): the adapter's own
+        classes, config and auxiliary classifier stay as they are."""
+        adapter_name = adapter_name or self._active
+        config = self.peft_config[adapter_name]
+        return self.label_spaces.for_call(adapter_name, config, class_names, self.text_context_length)
+
     # ------------------------------------------------------------------ the per-forward seam
-    @contextmanager
-    def forward_context(self, **inputs: Any) -> Iterator[ForwardContext]:
+    def forward_context(self, **inputs: Any) -> AbstractContextManager[ForwardContext]:
         """Hand the wrapped layers what they need for one forward and collect what they produce.
 
         `inputs` are `ForwardContext` fields (e.g. `bypass=True` for the frozen CLIP, or `capture_layers={3}` and
         `on_layer_input` to receive the tokens entering vision layer 3). The previous context is restored on exit,
         even after an error, so nothing of one forward leaks into the next.
         """
-        context = ForwardContext(**inputs)
-        previous, self._slot.current = self._slot.current, context
-        try:
-            yield context
-        finally:
-            self._slot.current = previous
+        return self._slot.install(**inputs)
 
-    # ------------------------------------------------------------------ text encoding
-    def encode_text(
-        self, input_ids: torch.Tensor, layout: PromptLayout | None = None, adapter_name: str | None = None
-    ) -> torch.Tensor:
-        """Text features `[C, P]` of token ids; with a `layout`, its placeholders become the learned context.
-
-        Class prompts that share leading tokens (SOT + a shared context) go through `encode_with_shared_prefix`,
-        which computes those positions once instead of once per class; `text_encoding` picks or forces the path.
-        """
-        device = self.backbone.text_parameter.device
+    # ------------------------------------------------------------------ class and image features
+    def class_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
+        """Text features of the class prompts with the learned context `[C, P]` (un-normalized)."""
         adapter_name = adapter_name or self._active
-        prefix_length = self._shared_prefix_length(layout, adapter_name)  # on the CPU layout: no device sync
-        input_ids = input_ids.to(device)
-        layout = None if layout is None else layout.to(device)
-        if prefix_length:
-            embeddings = self.backbone.text_embeddings.prompt_embeddings(input_ids, layout, adapter_name)
-            pooled = encode_with_shared_prefix(self.backbone, embeddings, input_ids, prefix_length)
-            return self.backbone.project_text(pooled)
-        with self.forward_context(prompt_layout=layout):
-            return self.backbone.text_features(input_ids)
+        classes = self.task_classes(adapter_name, task)
+        return self.class_features.learned(adapter_name, self.peft_config[adapter_name], classes)
 
-    def _shared_prefix_length(self, layout: PromptLayout | None, adapter_name: str) -> int:
-        """Length of the prefix to encode once, or 0 for the full path (no layout, or `text_encoding` says so)."""
-        mode = self.peft_config[adapter_name].text_encoding
-        if layout is None or mode == "full" or self.text_context(adapter_name) is None:
-            return 0
-        if mode == "shared_prefix":
-            return shared_prefix_length(layout)
-        length = usable_prefix_length(self.backbone, layout)
-        return length if length >= 2 else 0  # auto: more than SOT to share
+    def zero_shot_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
+        """Frozen text features of `zero_shot_template` for each class `[C, P]` (cached per class set)."""
+        adapter_name = adapter_name or self._active
+        classes = self.task_classes(adapter_name, task)
+        return self.class_features.zero_shot(adapter_name, self.peft_config[adapter_name], classes)
+
+    def zero_shot_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image features `[B, P]` of the frozen, prompt-free model."""
+        with torch.no_grad(), self.forward_context(bypass=True):
+            return self.backbone.image_features(pixel_values)
+
+    def frozen_layer_inputs(
+        self, pixel_values: torch.Tensor, layers: list[int], consume: Callable[[int, torch.Tensor], None]
+    ) -> None:
+        """Hand `consume(layer, tokens [B, N, D])` the tokens entering each of `layers` in the frozen, prompt-free
+        CLIP (SPT's token pools), layer by layer, so no layer's tokens outlive their use."""
+        with (
+            torch.no_grad(),
+            self.forward_context(bypass=True, capture_layers=frozenset(layers), on_layer_input=consume),
+        ):
+            self.backbone.image_features(pixel_values)
+
+    # ------------------------------------------------------------------ classification
+    def classify(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        task: str | None = None,
+        guidance: bool = False,
+        output_zero_shot_logits: bool = False,
+        output_attentions: bool = False,
+        attention_classes: torch.Tensor | None = None,
+        class_names: list[str] | None = None,
+        zero_shot_image_features: torch.Tensor | None = None,
+        output_text_embeds: bool = False,
+    ) -> DPTOutput:
+        """Classify images over the active adapter's classes (docs/method.md, sections 1-4).
+
+        `guidance=True` uses the general-knowledge-guidance loss of the reference's first epochs. `labels` index
+        the task's class list. `attention_classes` (`[M]` class indices) reports in `class_aware_attentions` the
+        attention that prompts built from those classes would have, instead of the top-K prompts' attention.
+        `class_names` classifies over other classes for this call only (inference; `set_class_names` switches the
+        adapter's label space for good). `zero_shot_image_features` are the frozen CLIP's features of these images
+        when the caller has them already (an evaluation set seen before): exact, and one image pass cheaper.
+        `output_text_embeds=True` adds the class features `[C, P]`, the one output without a batch dimension.
+        """
+        adapter_name = self._active
+        config: DPTConfig = self.peft_config[adapter_name]
+        if class_names is not None and labels is not None:
+            raise UserInputError(
+                "class_names classifies over other classes for one call, at inference; to train on other classes, "
+                "switch the label space with set_class_names first."
+            )
+        if class_names is not None:
+            classes = self.label_space_for(class_names, adapter_name)
+        else:
+            classes = self.task_classes(adapter_name, task)
+        check_pixel_values(pixel_values)
+        labels = checked_labels(labels, len(pixel_values), classes.num_classes) if labels is not None else None
+        text = self.class_features.learned(adapter_name, config, classes)
+        zero_shot_logits = zero_shot_image = zero_shot_text = top_k = None
+        if config.class_aware or guidance or output_zero_shot_logits:
+            zero_shot_text = self.class_features.zero_shot(adapter_name, config, classes)
+            zero_shot_image = (
+                self.zero_shot_image_features(pixel_values)
+                if zero_shot_image_features is None
+                else zero_shot_image_features.to(pixel_values.device)
+            )
+            zero_shot_logits = self.backbone.logits(zero_shot_image, zero_shot_text)
+        inputs: dict[str, Any] = {"record_attention": output_attentions}
+        if config.class_aware:
+            top_k = zero_shot_logits.topk(min(config.class_aware_top_k, classes.num_classes), dim=-1).indices
+            inputs["class_features"] = text[top_k]
+            if attention_classes is not None:
+                probes = text[torch.as_tensor(attention_classes, device=text.device)]
+                inputs["probe_class_features"] = probes.unsqueeze(0).expand(len(pixel_values), -1, -1)
+        with self.forward_context(**inputs) as context:
+            image = self.backbone.image_features(pixel_values)
+        span = slice(classes.offset, classes.offset + classes.num_classes)
+        # The auxiliary classifier belongs to the training label space: no auxiliary logits over other classes.
+        own_classes = class_names is None
+        class_aware_logits = tuple(logits[..., span] for logits in context.class_aware_logits) if own_classes else ()
+        attentions = context.probe_attentions if attention_classes is not None else context.class_aware_attentions
+        logits = self.backbone.logits(image, text)
+
+        loss = class_aware_loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if guidance:
+                frozen_image_logits = self.backbone.logits(zero_shot_image, text)
+                loss = guidance_loss(logits, frozen_image_logits, self.backbone.logits(image, zero_shot_text), labels)
+            else:
+                loss = F.cross_entropy(logits, labels)
+            if class_aware_logits:
+                class_aware_loss = class_aware_cross_entropy(class_aware_logits, top_k, labels)
+                loss = loss + config.class_aware_loss_weight * class_aware_loss
+        return DPTOutput(
+            loss=loss,
+            logits=logits,
+            zero_shot_logits=zero_shot_logits,
+            class_aware_logits=class_aware_logits or None,
+            class_aware_indices=top_k,
+            class_aware_loss=class_aware_loss,
+            class_aware_attentions=tuple(attentions[i] for i in sorted(attentions)) or None,
+            image_embeds=image,
+            text_embeds=text if output_text_embeds else None,
+        )

@@ -111,7 +111,7 @@ def _metrics_table(metrics: dict) -> str:
         ("mean per-class accuracy", metrics.get("mean_per_class_accuracy")),
         ("zero-shot CLIP accuracy (same images)", metrics.get("zero_shot_accuracy")),
     ]
-    lines = ["## Results", "", f"On {metrics.get('num_test_images', 'the')} held-out test images:", ""]
+    lines = ["## Results", "", f"On {metrics.get('num_images', 'the')} held-out test images:", ""]
     lines += ["| metric | value |", "|---|---:|"]
     lines += [f"| {name} | {100 * value:.1f}% |" for name, value in rows if value is not None]
     return "\n".join(lines)

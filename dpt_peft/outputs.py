@@ -1,4 +1,8 @@
-"""Output of a DPT forward."""
+"""Output of a DPT forward.
+
+By default every output but the two scalar losses is batch-first (or absent), so transformers' Trainer can concatenate
+what it gathers over batches; `text_embeds`, the class features without a batch dimension, come only when asked.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ class DPTOutput(ModelOutput):
         class_aware_attentions (`tuple[torch.Tensor]`, *optional*): Per class-aware layer, attention
             `[batch, top_k, tokens + kv_tokens]` of each prompt over CLS, patches and the learned key/value tokens.
         image_embeds (`torch.Tensor`): Prompted image features `[batch, projection_dim]` (un-normalized).
-        text_embeds (`torch.Tensor`): Class features `[num_classes, projection_dim]` (un-normalized).
+        text_embeds (`torch.Tensor`, *optional*): Class features `[num_classes, projection_dim]` (un-normalized);
+            only with `output_text_embeds=True`, being the one output without a batch dimension.
     """
 
     loss: torch.Tensor | None = None

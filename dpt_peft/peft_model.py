@@ -2,29 +2,38 @@
 
 `PeftModel.forward` calls CLIP's own forward, which needs `input_ids` and returns image-text similarities.
 DPT classifies images over its class names, so this subclass routes `forward` to `DPTModel.classify`
-(the same way PEFT's `PeftModelForSequenceClassification` owns its task's forward).
+(the same way PEFT's `PeftModelForSequenceClassification` owns its task's forward). It is also the one public seam
+of the tools (training, SPT, visualization, pipelines): typed methods that ask the tuner, so no tool reaches through
+`model.base_model`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from peft import PeftModel, get_peft_model_state_dict
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from .layer import DPTLayer
+from .backbones import Backbone
+from .class_prompts import TaskClasses
+from .layer import DPTLayer, ParameterKind
 from .model_card import ModelCardInfo, build_model_card
 from .outputs import DPTOutput
+from .utils.errors import InputTypeError, UserInputError
 
 # Passed by generic training loops (transformers' Trainer among them); they do not change a DPT forward.
 IGNORED_FORWARD_ARGUMENTS = {"return_dict", "return_loss"}
+# What DPTTrainer tells Trainer to leave out of the predictions, so compute_metrics receives the logits alone (a plain
+# Trainer gathers every output but the loss, concatenated over batches).
 NON_PREDICTION_OUTPUTS = [name for name in DPTOutput.__dataclass_fields__ if name not in ("loss", "logits")]
 # Training without labels is how transformers' Trainer calls a PEFT model whose labels it could not detect.
 MISSING_LABELS_WARNING = (
@@ -34,26 +43,6 @@ MISSING_LABELS_WARNING = (
 )
 # transformers' push_to_hub arguments that have nothing to do for an adapter of a few MB saved as safetensors.
 IGNORED_PUSH_ARGUMENTS = {"max_shard_size", "use_temp_dir", "use_auth_token"}
-
-
-def shared_config(config_class: type, attributes: dict) -> Any:
-    """A `config_class` object whose attributes are `attributes` itself, not a copy."""
-    config = object.__new__(config_class)
-    config.__dict__ = attributes
-    return config
-
-
-@functools.cache
-def trainer_config_class(config_class: type) -> type:
-    """`config_class` with transformers' `keys_to_ignore_at_inference` hint (see `DPTPeftModel.config`); one class
-    per config class, so `type(model.config)` is stable and still an instance of the user's config class."""
-
-    def reduce_as_user_config(view: Any, protocol: int) -> tuple:
-        # pickled and copied as the user's config class: this subclass exists only in this process
-        return shared_config, (config_class, view.__dict__)
-
-    hint = {"keys_to_ignore_at_inference": NON_PREDICTION_OUTPUTS, "__reduce_ex__": reduce_as_user_config}
-    return type(config_class.__name__, (config_class,), hint)
 
 
 class DPTPeftModel(PeftModel):
@@ -70,15 +59,6 @@ class DPTPeftModel(PeftModel):
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             super().__init__(model, peft_config, adapter_name, **kwargs)
 
-    @property
-    def config(self) -> Any:
-        """The base model's config, seen with `keys_to_ignore_at_inference`: transformers' Trainer gathers every output
-        but those `model.config` names, and the class features have no batch dimension to concatenate (predictions
-        are the logits). It shares the user's config's attributes (reading or setting one reads or sets theirs), and
-        the hint is a class attribute, so the user's config object and its config.json stay as they were."""
-        config = self.get_base_model().config
-        return shared_config(trainer_config_class(type(config)), config.__dict__)
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -90,12 +70,16 @@ class DPTPeftModel(PeftModel):
         attention_classes: torch.Tensor | None = None,
         class_names: list[str] | None = None,
         zero_shot_image_features: torch.Tensor | None = None,
+        output_text_embeds: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DPTOutput:
         """Logits over the adapter's classes (or `class_names`, for this call only) for `pixel_values`, and the loss
         when `labels` are given: their mean loss, or, with `num_items_in_batch` (transformers' Trainer under gradient
         accumulation), their summed loss divided by it.
+
+        Every output but the scalar losses is batch-first (or absent), so transformers' Trainer can concatenate them
+        over batches; the class features `text_embeds` (`[C, P]`) come only with `output_text_embeds=True`.
 
         Under `with model.disable_adapter():` this is the base `CLIPModel.forward`, called with the same
         arguments (e.g. `input_ids` and `pixel_values`), so the base model's behaviour is unchanged.
@@ -105,19 +89,19 @@ class DPTPeftModel(PeftModel):
         if not self.has_active_enabled_adapter:
             return self.get_base_model()(pixel_values=pixel_values, **kwargs)
         if kwargs.get("input_ids") is not None:
-            raise ValueError(
+            raise UserInputError(
                 "A DPT adapter classifies images over its class names and takes no input_ids; call "
                 "model(pixel_values=..., labels=...), or use `with model.disable_adapter():` for plain CLIP."
             )
         unexpected = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_ARGUMENTS)
         if unexpected:
-            raise TypeError(
+            raise InputTypeError(
                 f"Unexpected argument(s) {unexpected}; a DPT forward takes pixel_values, labels, task, guidance, "
-                "output_zero_shot_logits, output_attentions, attention_classes, class_names and "
-                "zero_shot_image_features."
+                "output_zero_shot_logits, output_attentions, attention_classes, class_names, "
+                "zero_shot_image_features and output_text_embeds."
             )
         if pixel_values is None:
-            raise ValueError("pixel_values is required: model(pixel_values=..., labels=...).")
+            raise UserInputError("pixel_values is required: model(pixel_values=..., labels=...).")
         if labels is None and self.training and torch.is_grad_enabled():
             warnings.warn(MISSING_LABELS_WARNING, UserWarning, stacklevel=2)
         output = self.base_model.classify(
@@ -130,6 +114,7 @@ class DPTPeftModel(PeftModel):
             attention_classes=attention_classes,
             class_names=class_names,
             zero_shot_image_features=zero_shot_image_features,
+            output_text_embeds=output_text_embeds,
         )
         if output.loss is not None and num_items_in_batch is not None:
             # transformers' Trainer contract for models taking **kwargs: the loss is a sum over the images of the
@@ -149,6 +134,73 @@ class DPTPeftModel(PeftModel):
                 "so it holds no DPT prompts). Use the CLIPModel that unload() returned for plain CLIP, or load the "
                 "adapter again with PeftModel.from_pretrained(clip, adapter_dir)."
             )
+
+    # ------------------------------------------------------------------ the tools' seam: each asks the tuner
+    @property
+    def backbone(self) -> Backbone:
+        """The base model's family seam: where its layers are, how it featurizes, scales logits and frames tokens."""
+        return self.base_model.backbone
+
+    def adapter_parameters(self, adapter_name: str | None = None) -> dict[str, tuple[ParameterKind, nn.Parameter]]:
+        """Every prompt parameter of an adapter (default: the active one): key as saved -> (kind, parameter)."""
+        return self.base_model.adapter_parameters(adapter_name)
+
+    def visual_prompts(self, adapter_name: str | None = None) -> dict[int, nn.Parameter]:
+        """Deep visual prompts `[n_vis, D]` of an adapter, by vision layer index."""
+        return self.base_model.visual_prompts(adapter_name)
+
+    def class_aware_layers(self, adapter_name: str | None = None) -> list[int]:
+        """Indices of the vision layers with class-aware prompts of an adapter."""
+        return self.base_model.class_aware_layers(adapter_name)
+
+    def text_context(self, adapter_name: str | None = None) -> nn.Parameter | None:
+        """The learned context of an adapter (`[n_ctx, E]` or `[C, n_ctx, E]`), or None when it learns none."""
+        return self.base_model.text_context(adapter_name)
+
+    def token_embedding(self) -> nn.Embedding:
+        """The text encoder's vocabulary embedding."""
+        return self.base_model.token_embedding()
+
+    def tokenizer(self, adapter_name: str | None = None) -> PreTrainedTokenizerBase:
+        """The tokenizer an adapter's class prompts were built with."""
+        return self.base_model.tokenizer(adapter_name)
+
+    def class_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
+        """Class features with the learned context `[C, P]` (un-normalized; cached at inference)."""
+        return self.base_model.class_text_features(task, adapter_name)
+
+    def zero_shot_text_features(self, task: str | None = None, adapter_name: str | None = None) -> torch.Tensor:
+        """Frozen class features of `zero_shot_template` `[C, P]` (un-normalized; cached)."""
+        return self.base_model.zero_shot_text_features(task, adapter_name)
+
+    def zero_shot_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image features `[B, P]` of the frozen, prompt-free model (what `forward(zero_shot_image_features=...)`
+        takes, computed once per evaluation set)."""
+        return self.base_model.zero_shot_image_features(pixel_values)
+
+    def frozen_layer_inputs(
+        self, pixel_values: torch.Tensor, layers: list[int], consume: Callable[[int, torch.Tensor], None]
+    ) -> None:
+        """Hand `consume(layer, tokens [B, N, D])` the tokens entering each of `layers` in the frozen model."""
+        self.base_model.frozen_layer_inputs(pixel_values, layers, consume)
+
+    def label_space_for(self, class_names: list[str], adapter_name: str | None = None) -> TaskClasses:
+        """The tokenized label space `forward(class_names=...)` would use; raises ValueError if the adapter cannot
+        classify over these names."""
+        return self.base_model.label_space_for(class_names, adapter_name)
+
+    def class_names(self, task: str | None = None, adapter_name: str | None = None) -> list[str]:
+        """The classes of a task of an adapter (default: the active adapter's only task), in label order."""
+        return self.base_model.class_names(task, adapter_name)
+
+    def set_class_names(
+        self,
+        class_names: list[str] | dict[str, list[str]],
+        adapter_name: str | None = None,
+        zero_shot_template: str | None = None,
+    ) -> None:
+        """Switch an adapter's label space for good, keeping its learned prompts (see `DPTModel.set_class_names`)."""
+        self.base_model.set_class_names(class_names, adapter_name, zero_shot_template)
 
     def save_pretrained(
         self,
@@ -171,7 +223,7 @@ class DPTPeftModel(PeftModel):
             for key, tensor in state.items():
                 if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     bad = int((~torch.isfinite(tensor)).sum())
-                    raise ValueError(
+                    raise UserInputError(
                         f"Refusing to save adapter {name!r}: tensor {key!r} holds {bad} NaN or infinite value(s) of "
                         f"{tensor.numel()}, so the adapter would be unusable (training diverged). Train again with "
                         "lower learning rates, or save an earlier checkpoint's adapter."
@@ -203,7 +255,7 @@ class DPTPeftModel(PeftModel):
             self._roll_back(adapter_name, existed)
             if isinstance(err, ValueError):  # our own checks already name the field and the fix
                 raise
-            raise ValueError(
+            raise UserInputError(
                 f"Could not load the DPT adapter from {str(model_id)!r}: {err}. The file may be truncated or "
                 "corrupt, or made for another base model; save or download it again."
             ) from err
@@ -217,14 +269,14 @@ class DPTPeftModel(PeftModel):
         unexpected = [k for k in result.unexpected_keys if ours(k)]
         if missing or unexpected:
             self._roll_back(adapter_name, existed)
-            raise ValueError(
+            raise UserInputError(
                 f"The adapter file in {str(model_id)!r} does not match its config: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}. Save the adapter again with save_pretrained."
             )
-        for key, (_, parameter) in self.base_model.adapter_parameters(adapter_name).items():
+        for key, (_, parameter) in self.adapter_parameters(adapter_name).items():
             if not bool(torch.isfinite(parameter).all()):  # a diverged run's prompts would predict NaN scores
                 self._roll_back(adapter_name, existed)
-                raise ValueError(
+                raise UserInputError(
                     f"The adapter in {str(model_id)!r} holds NaN or infinite values in {key}, so it cannot classify; "
                     "it comes from a diverged training run or a damaged file: use an earlier checkpoint's adapter."
                 )
@@ -261,10 +313,12 @@ class DPTPeftModel(PeftModel):
         safetensors); `max_shard_size`, `use_temp_dir` and `use_auth_token` are accepted and have nothing to do.
         """
         if not safe_serialization:
-            raise ValueError("safe_serialization=False: DPT adapters are only saved as safetensors; drop the argument.")
+            raise UserInputError(
+                "safe_serialization=False: DPT adapters are only saved as safetensors; drop the argument."
+            )
         unexpected = sorted(set(kwargs) - IGNORED_PUSH_ARGUMENTS)
         if unexpected:
-            raise TypeError(
+            raise InputTypeError(
                 f"push_to_hub got unexpected argument(s) {unexpected}; it takes commit_message, private, token, "
                 "revision, create_pr, tags, safe_serialization and commit_description."
             )

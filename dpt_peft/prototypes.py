@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .peft_model import DPTPeftModel
+from .utils.errors import UserInputError
+
 PrototypeMethod = Literal["kmeans", "random", "mean_pool"]
 
 
@@ -86,7 +89,7 @@ def _pixel_values(batch) -> torch.Tensor:
 
 
 def collect_layer_tokens(
-    model,
+    model: DPTPeftModel,
     dataloader: Iterable,
     layers: list[int],
     num_windows: int | None = None,
@@ -97,14 +100,13 @@ def collect_layer_tokens(
     """Patch tokens (CLS and other prefix tokens removed, as the backbone says) entering each of the vision `layers`,
     run through the frozen model; with
     `num_windows`, each image's patch sequence is first averaged into that many windows."""
-    tuner = model.base_model
     generator = torch.Generator().manual_seed(seed)
     pools = {index: _Reservoir(max_tokens_per_layer, generator) for index in layers}
     device = next(model.parameters()).device
     images = 0
 
     def collect(index: int, tokens: torch.Tensor) -> None:
-        patches = tuner.backbone.patch_tokens(tokens)
+        patches = model.backbone.patch_tokens(tokens)
         if num_windows is not None:
             patches = F.adaptive_avg_pool1d(patches.transpose(1, 2).float(), num_windows).transpose(1, 2)
         pools[index].add(patches.reshape(-1, patches.shape[-1]))
@@ -113,7 +115,7 @@ def collect_layer_tokens(
         if batch is None:
             continue
         pixel_values = _pixel_values(batch)[: max_images - images]
-        tuner.frozen_layer_inputs(pixel_values.to(device), layers, collect)
+        model.frozen_layer_inputs(pixel_values.to(device), layers, collect)
         images += len(pixel_values)
         if images >= max_images:
             break
@@ -121,7 +123,7 @@ def collect_layer_tokens(
 
 
 def init_visual_prompts_from_prototypes(
-    model,
+    model: DPTPeftModel,
     dataloader: Iterable,
     method: PrototypeMethod = "kmeans",
     max_images: int = 512,
@@ -133,10 +135,10 @@ def init_visual_prompts_from_prototypes(
     Raises if a layer's pool holds fewer tokens than `num_visual_tokens` (give more images).
     """
     if method not in ("kmeans", "random", "mean_pool"):
-        raise ValueError(f"method={method!r}; use 'kmeans', 'random' or 'mean_pool'.")
-    prompts_by_layer = model.base_model.visual_prompts()
+        raise UserInputError(f"method={method!r}; use 'kmeans', 'random' or 'mean_pool'.")
+    prompts_by_layer = model.visual_prompts()
     if not prompts_by_layer:
-        raise ValueError(
+        raise UserInputError(
             f"Adapter {model.active_adapter!r} has no deep visual prompts (num_visual_tokens=0) to initialize."
         )
     num_prompts = next(iter(prompts_by_layer.values())).shape[0]
@@ -150,7 +152,7 @@ def init_visual_prompts_from_prototypes(
         pool = pools[index]
         available = 0 if pool is None else len(pool)
         if available < num_prompts:
-            raise ValueError(
+            raise UserInputError(
                 f"Vision layer {index} collected {available} tokens, fewer than num_visual_tokens={num_prompts}; "
                 "pass more images (max_images) or fewer prompts."
             )

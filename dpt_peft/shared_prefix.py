@@ -22,6 +22,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .class_prompts import PromptLayout
+from .utils.errors import UserInputError
 
 
 def shared_prefix_length(layout: PromptLayout) -> int:
@@ -109,7 +110,7 @@ def encode_with_shared_prefix(
     dropout is active (training with `attention_dropout > 0` would give each class its own prefix states).
     """
     if not backbone.causal_text:
-        raise ValueError(
+        raise UserInputError(
             f"The {backbone.family} text tower attends in both directions, so the prefix's hidden states depend on the "
             "class tokens and cannot be shared; use text_encoding='full' (or 'auto')."
         )
@@ -118,18 +119,18 @@ def encode_with_shared_prefix(
         raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match inputs_embeds {tuple(inputs_embeds.shape)}.")
     position_embedding = backbone.position_embedding
     if length > position_embedding.num_embeddings:
-        raise ValueError(
+        raise UserInputError(
             f"Prompts of {length} tokens exceed the text encoder's {position_embedding.num_embeddings} positions."
         )
     pooled_positions = backbone.pooled_positions(input_ids).to(inputs_embeds.device)
     if prefix_length < 1 or bool((pooled_positions < prefix_length).any()):
-        raise ValueError(
+        raise UserInputError(
             f"A shared prefix of {prefix_length} tokens is unusable for prompts whose first pooled (EOT) position is "
             f"{int(pooled_positions.min())}: it needs at least 1 token and must end before every prompt's EOT. "
             "Encode these prompts with the full text encoder."
         )
     if _attention_dropout_active(backbone):
-        raise ValueError(
+        raise UserInputError(
             "The text encoder is in training mode with attention_dropout > 0, so each class would see its own "
             "dropped-out prefix; encode with the full text encoder, or call eval() on the text model."
         )

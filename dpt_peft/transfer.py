@@ -15,6 +15,7 @@ from torch import nn
 
 from .layer import ParameterKind, is_class_specific
 from .peft_types import PEFT_TYPE_NAME
+from .utils.errors import UserInputError
 
 CHECKPOINT_PREFIX = "base_model.model."
 
@@ -23,16 +24,18 @@ def _read_source(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         config = PeftConfig.from_pretrained(path).to_dict()
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserInputError(
             f"init_from: cannot read an adapter config from {path!r} ({err}); give a DPT adapter directory or Hub id."
         ) from err
     peft_type = getattr(config.get("peft_type"), "value", config.get("peft_type"))
     if peft_type != PEFT_TYPE_NAME:
-        raise ValueError(f"init_from: {path!r} is a {peft_type} adapter, not a DPT adapter.")
+        raise UserInputError(f"init_from: {path!r} is a {peft_type} adapter, not a DPT adapter.")
     try:
         weights = load_peft_weights(path, device="cpu")
     except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
-        raise ValueError(f"init_from: cannot read the weights of {path!r} ({err}); the file may be corrupt.") from err
+        raise UserInputError(
+            f"init_from: cannot read the weights of {path!r} ({err}); the file may be corrupt."
+        ) from err
     return config, weights
 
 
@@ -48,13 +51,13 @@ def shared_source_tensors(paths: list[str]) -> dict[str, torch.Tensor]:
             if not is_class_specific(k, class_specific_context)
         }
         if averaged and shared.keys() != averaged.keys():
-            raise ValueError(
+            raise UserInputError(
                 f"init_from: {path!r} has other prompt tensors than {paths[0]!r}; sources must share one prompt "
                 "layout to be averaged."
             )
         for key, value in shared.items():
             if key in averaged and value.shape != averaged[key].shape:
-                raise ValueError(
+                raise UserInputError(
                     f"init_from: {key} is {tuple(value.shape)} in {path!r} but {tuple(averaged[key].shape)} in "
                     f"{paths[0]!r}."
                 )
@@ -69,14 +72,14 @@ def copy_shared_tensors(
     shapes checked before anything is copied."""
     missing = sorted(set(sources) - set(targets))
     if missing:
-        raise ValueError(
+        raise UserInputError(
             f"init_from: the new adapter has no prompt tensor {missing[0]} of the source; use the same prompt "
             "settings (num_visual_tokens, visual_depth, class_aware_layer, ...) as the source."
         )
     for key, value in sources.items():
         parameter = targets[key][1]
         if parameter.shape != value.shape:
-            raise ValueError(
+            raise UserInputError(
                 f"init_from: {key} is {tuple(value.shape)} in the source but {tuple(parameter.shape)} here; the "
                 "source was made for another width or prompt length (num_text_tokens, num_visual_tokens)."
             )

@@ -92,7 +92,7 @@ def test_train_and_evaluate_on_a_coop_layout_with_saved_and_reused_splits(tmp_pa
     split = json.loads((tmp_path / "first" / "splits" / "oxford_pets.json").read_text())
     assert split["provenance"] == {"dataset": "oxford_pets", "shots": 2, "seed": 1}  # CoOp's first seed by default
     assert len(split["splits"]["train"]) == 2 * 5 and len(split["splits"]["val"]) == 2 * 5  # min(K, 4) from val
-    assert first["num_train_images"] == 10 and first["num_test_images"] == 10
+    assert first["num_train_images"] == 10 and first["num_images"] == 10
 
     # The same split on "another machine": the data moved, the JSON reused, another seed ignored for sampling.
     (tmp_path / "data").rename(tmp_path / "moved")

@@ -21,7 +21,9 @@ from dpt_peft.data.catalog import COOP_DATASETS, DATASET_NAMES
 from dpt_peft.data.coop_readers import load_coop_dataset, missing_images
 from dpt_peft.data.coop_splits import (
     apply_split,
+    base_new_labels,
     coop_few_shot_split,
+    keep_classes,
     load_split_file,
     save_split_file,
     subsample_classes,
@@ -363,6 +365,20 @@ def test_base_and_new_classes(pets):
     assert subsample_classes(pets, "all") is pets
     with pytest.raises(ValueError, match="base"):
         subsample_classes(pets, "novel")
+
+
+def test_base_and_new_labels_are_one_rule_for_training_and_evaluation(pets):
+    names = ["cat", "dog", "bird", "fish", "cat"]
+    assert base_new_labels(names) == ([0, 1, 2], [3, 4])  # CoCoOp: the first half, rounded up
+    assert base_new_labels(names, new=["fish"]) == ([0, 1, 2, 4], [3])
+    assert base_new_labels(names, base=["cat"]) == ([0, 4], [1, 2, 3])  # a repeated name names both classes
+    with pytest.raises(ValueError, match="'cow' is not in"):
+        base_new_labels(names, base=["cow"])
+    kept = keep_classes(pets["test"], [4, 1])  # named classes, relabelled to their order in the list
+    assert kept.features["label"].names == ["sphynx", "bengal"]
+    assert sorted(rows_of(kept)) == sorted(
+        (path, [4, 1].index(label)) for path, label in rows_of(pets["test"]) if label in (4, 1)
+    )
 
 
 def test_base_and_new_after_few_shot_and_on_test_only_data(tmp_path, pets):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -63,10 +64,9 @@ def test_truncated_prompts_equal_full_context(clip, clip_path):
     full = build_prompt_layout(tokenizer, tuner.backbone.prompt_format(tokenizer), CLASS_NAMES, 3, "end", 24, pad_to=24)
     short = tuner.task_classes("default").prompt_layout
     assert short.input_ids.shape[1] < full.input_ids.shape[1] == 24
+    encode = functools.partial(tuner.class_features.encode_text, adapter_name="default", text_encoding="auto")
     with torch.no_grad():
-        torch.testing.assert_close(
-            tuner.encode_text(short.input_ids, short), tuner.encode_text(full.input_ids, full), rtol=1e-5, atol=1e-6
-        )
+        torch.testing.assert_close(encode(short.input_ids, short), encode(full.input_ids, full), rtol=1e-5, atol=1e-6)
 
 
 def test_prompts_appended_after_patches_equal_prompts_after_cls(clip, pixel_values):
@@ -183,11 +183,11 @@ def test_class_aware_loss_is_zero_when_no_label_is_selected(clip, pixel_values):
 def test_guidance_loss_matches_reference_formula(clip, pixel_values, labels):
     """docs/method.md 4: CE(zs_img, learned text) + CE(prompted img, hand-crafted text) + 0.1 CE(joint) + aux."""
     model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=2, class_aware_top_k=5))
-    output = model(pixel_values=pixel_values, labels=labels, guidance=True)
+    output = model(pixel_values=pixel_values, labels=labels, guidance=True, output_text_embeds=True)
     tuner = model.base_model
     with torch.no_grad():
-        zs_text = tuner.zero_shot_text_features()
-        zs_image = tuner.zero_shot_image_features(pixel_values)
+        zs_text = model.zero_shot_text_features()
+        zs_image = model.zero_shot_image_features(pixel_values)
     scale = tuner.model.logit_scale.exp()
     cosine = lambda a, b: scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()  # noqa: E731
     expected = (
@@ -197,6 +197,7 @@ def test_guidance_loss_matches_reference_formula(clip, pixel_values, labels):
         + 0.3 * output.class_aware_loss
     )
     torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+    assert model(pixel_values=pixel_values).text_embeds is None  # the class features `[C, P]` only when asked
 
 
 @pytest.mark.parametrize("method", ["coop", "vpt", "vpt_coop", "dpt"])
@@ -321,10 +322,10 @@ def test_set_class_names_rebuilds_the_auxiliary_classifier(clip, pixel_values):
 
 def test_class_features_are_cached_at_inference_until_prompts_or_classes_change(clip, pixel_values, labels):
     model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=2))
-    tuner = model.base_model
+    features = model.base_model.class_features
     calls = []
-    original = tuner.encode_text
-    tuner.encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = features.encode_text
+    features.encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
     with torch.no_grad():
         first = model(pixel_values=pixel_values).logits
         model(pixel_values=pixel_values)

@@ -11,14 +11,14 @@ from transformers import TrainingArguments
 from dpt_peft import DPTConfig, DPTTrainer
 from dpt_peft.data.batching import ImageBatcher
 from dpt_peft.integrations.hf_trainer import TrainerCollator
-from dpt_peft.sources import load_clip
+from dpt_peft.sources import load_base_model, load_image_processor
 from dpt_peft.toy.tasks import toy_dataset
 from dpt_peft.training.recipe import VISUAL_GROUP, Recipe
 
 
 @pytest.fixture
 def setup(tmp_path):
-    clip, processor = load_clip()
+    clip, processor = load_base_model(), load_image_processor()
     data = toy_dataset("position")
     train = data["train"].select(range(0, 160, 10))  # 16 images, 2 steps of 8
     test = data["test"].select(range(0, 600, 50))
@@ -58,7 +58,7 @@ def test_dpt_trainer_applies_the_recipe_and_saves_a_loadable_adapter(setup, tmp_
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_accuracy"} <= set(metrics)  # labels found without label_names
     trainer.save_model(str(tmp_path / "adapter"))
-    reloaded = PeftModel.from_pretrained(load_clip()[0], str(tmp_path / "adapter")).eval()
+    reloaded = PeftModel.from_pretrained(load_base_model(), str(tmp_path / "adapter")).eval()
     pixels = ImageBatcher(processor, "image", "label")([test[0], test[1]])["pixel_values"]
     model.eval()
     with torch.no_grad():
@@ -84,3 +84,14 @@ def test_a_plain_trainer_reports_eval_loss(setup, tmp_path):
     )
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0
+    # With no keys_to_ignore_at_inference, Trainer gathers every output but the loss, concatenated over batches:
+    # each is batch-first (the class features come only with output_text_embeds=True); the auxiliary loss, a
+    # scalar per batch like the loss, gives one value per batch.
+    gathered = trainer.predict(test).predictions
+    batch = ImageBatcher(processor, "image", "label")([test[0], test[1]])
+    with torch.no_grad():
+        names = [name for name in model(**batch).keys() if name != "loss"]
+    assert len(names) == len(gathered) and "text_embeds" not in names
+    for name, value in zip(names, gathered):
+        for array in value if isinstance(value, tuple) else (value,):
+            assert array.shape[0] == (2 if name == "class_aware_loss" else len(test)), name

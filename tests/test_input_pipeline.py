@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from dpt_peft.data import batching, decoded_cache
 from dpt_peft.data.augmentation import DeviceAugmenter, draw_crop_box, random_resized_crop
 from dpt_peft.data.batching import ImageBatcher, ReportingImageBatcher, SkipCounter, undecoded, with_index
+from dpt_peft.data.datasets import FewShotData
 from dpt_peft.data.decoded_cache import (
     CachedImageDataset,
     DecodedImageCache,
@@ -25,7 +26,8 @@ from dpt_peft.data.decoded_cache import (
     collate_cached,
     to_cached_square,
 )
-from dpt_peft.data.loaders import TrainLoader, loader_kwargs
+from dpt_peft.data.loaders import EvalLoader, TrainLoader, loader_kwargs
+from dpt_peft.data.run_loaders import LoaderSpec, build_loaders
 from dpt_peft.toy.pretrain import image_processor
 
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")  # a real photo, 512 x 600
@@ -397,3 +399,85 @@ def test_a_batch_of_unreadable_images_only_is_dropped_after_counting(tmp_path):
     assert set(batch) == {"skipped"} and [p for p, _ in batch["skipped"]] == paths
     counter = SkipCounter()
     assert counter.take(batch) is None and counter.skipped == paths
+
+
+def test_an_eval_loader_yields_image_batches_only_and_counts_what_its_workers_skipped(tmp_path, caplog):
+    paths = write_images(tmp_path / "images", 6, size=(20, 20), corrupt=(2, 3))  # batch [2, 3]: unreadable only
+    batcher = ReportingImageBatcher(image_processor(), "image", "label")
+    dataset = undecoded(image_dataset(paths), "image")
+    counter = SkipCounter()
+    loader = EvalLoader(DataLoader(dataset, batch_size=2, collate_fn=batcher, **loader_kwargs(2)), counter)
+    with caplog.at_level(logging.WARNING, logger=batching.__name__):
+        for _ in range(2):  # persistent workers: the second pass meets the same images again
+            batches = list(loader)
+            assert len(loader) == 3 and len(batches) == 2
+            assert all(set(batch) == {"pixel_values", "labels"} for batch in batches)
+    assert counter.skipped == [paths[2], paths[3]]
+    assert len([r for r in caplog.records if "Skipping unreadable image" in r.getMessage()]) == 2
+
+
+def test_a_pil_training_loader_counts_the_images_its_batcher_reports(tmp_path):
+    dataset = with_index(undecoded(image_dataset(write_images(tmp_path / "images", 4, corrupt=(0, 1))), "image"))
+    batcher = ReportingImageBatcher(image_processor(), "image", "label", train=True)
+    counter = SkipCounter()
+    loader = TrainLoader(DataLoader(dataset, batch_size=2, collate_fn=batcher), batcher=batcher, skips=counter)
+    first, second = list(loader)
+    assert first is None and set(second) == {"pixel_values", "labels"}  # a step without images stays None
+    assert len(counter) == 2
+
+
+def loader_spec(**changes) -> LoaderSpec:
+    settings = dict(
+        image_column="image",
+        label_column="label",
+        batch_size=2,
+        eval_batch_size=3,
+        augment=True,
+        min_crop_scale=0.08,
+        seed=1,
+        input_pipeline="auto",
+        dataloader_num_workers=None,
+        validation=True,
+        cuda=False,
+        processes=1,
+    )
+    return LoaderSpec(**{**settings, **changes})
+
+
+def few_shot_task(folder, corrupt_train=(), corrupt_test=()) -> FewShotData:
+    train = with_index(undecoded(image_dataset(write_images(folder / "train", 5, corrupt=corrupt_train)), "image"))
+    test = undecoded(image_dataset(write_images(folder / "test", 4, corrupt=corrupt_test)), "image")
+    val = undecoded(image_dataset(write_images(folder / "val", 3)), "image")
+    return FewShotData(train, test, ["a", "b", "c"], val=val)
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "decoded_cache"])
+def test_build_loaders_gives_every_consumer_image_batches_and_one_skip_count(tmp_path, monkeypatch, pipeline):
+    monkeypatch.setenv("DPT_PEFT_CACHE", str(tmp_path / "cache"))
+    tasks = {
+        "one": few_shot_task(tmp_path / "one", corrupt_train=(1,), corrupt_test=(0,)),
+        "two": few_shot_task(tmp_path / "two", corrupt_test=(2,)),
+    }
+    loaders = build_loaders(tasks, image_processor(), loader_spec(input_pipeline=pipeline))
+    assert list(loaders.train) == list(loaders.val) == list(loaders.test) == ["one", "two"]
+    assert all((loader.augmenter is not None) == (pipeline == "decoded_cache") for loader in loaders.train.values())
+    for epoch in (0, 1):
+        for loader in loaders.train.values():
+            loader.set_epoch(epoch)
+            assert all(set(batch) == {"pixel_values", "labels"} for batch in loader if batch is not None)
+        for loader in (*loaders.val.values(), *loaders.test.values()):
+            assert loader.skips is loaders.skips
+            assert all(set(batch) == {"pixel_values", "labels"} for batch in loader)
+    bad = {str(tmp_path / "one" / "train" / "1.png"), str(tmp_path / "one" / "test" / "0.png")}
+    assert set(loaders.skips.skipped) == bad | {str(tmp_path / "two" / "test" / "2.png")}  # each once, over epochs
+    assert sum(len(loader) for loader in loaders.train.values()) == 4  # 5 images, batches of 2: the last dropped
+    without_validation = build_loaders(tasks, image_processor(), loader_spec(validation=False, input_pipeline="pil"))
+    assert without_validation.val == {}
+
+
+def test_the_loader_spec_chooses_the_pipeline_and_workers_by_the_device():
+    assert loader_spec().num_workers == 0 and not loader_spec().decoded_cache  # CPU: decoding in the main process
+    on_gpu = loader_spec(cuda=True)
+    assert on_gpu.decoded_cache and on_gpu.num_workers == loader_kwargs()["num_workers"]
+    assert not loader_spec(cuda=True, input_pipeline="pil").decoded_cache
+    assert loader_spec(cuda=True, dataloader_num_workers=3).num_workers == 3

@@ -48,8 +48,9 @@ def test_sdpa_and_eager_attention_give_the_same_logits(clip_path, pixel_values):
 def test_class_features_are_recomputed_when_caching_is_off(clip_path, pixel_values):
     model = build(clip_path, cache_class_features=False)
     calls = []
-    original = model.base_model.encode_text
-    model.base_model.encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
+    features = model.base_model.class_features
+    original = features.encode_text
+    features.encode_text = lambda *a, **k: calls.append(1) or original(*a, **k)
     with torch.no_grad():
         model(pixel_values=pixel_values)
         model(pixel_values=pixel_values)

@@ -12,7 +12,7 @@ from transformers import pipeline
 
 from dpt_peft import AutoDPTModel, DPTConfig
 from dpt_peft.cli import parse_args, train_main
-from dpt_peft.sources import load_clip
+from dpt_peft.sources import load_base_model
 from dpt_peft.toy.tasks import toy_dataset
 from dpt_peft.training.arguments import TrainArguments
 from dpt_peft.training.trainer import train
@@ -55,7 +55,7 @@ def test_the_training_function_takes_a_dataset_dict_and_refuses_other_objects(tm
         TrainArguments(dataset=DatasetDict(data), shots=2, epochs=1, report_to="none", output_dir=str(tmp_path)),
         {"num_text_tokens": 4},
     )
-    assert metrics["num_test_images"] == len(data["test"]) and metrics["num_train_images"] == 2 * len(
+    assert metrics["num_images"] == len(data["test"]) and metrics["num_train_images"] == 2 * len(
         data["train"].features["label"].names
     )
 
@@ -97,7 +97,7 @@ def test_the_tracker_gets_lr_grad_norm_and_test_accuracies(tmp_path):
 
 
 def test_a_saved_pipeline_loads_back_and_classifies_the_same(tmp_path):
-    clip, _ = load_clip()
+    clip = load_base_model()
     from peft import get_peft_model
 
     adapter = get_peft_model(clip, DPTConfig(class_names=["circle", "square", "triangle"], num_text_tokens=4))

@@ -197,7 +197,7 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(report_module, "split_metrics", fail)
+    monkeypatch.setattr(report_module, "evaluate_split", fail)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         run(tmp_path / "run", "--epochs", "1")
     assert (tmp_path / "run" / "run.json").exists()

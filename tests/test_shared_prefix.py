@@ -1,6 +1,6 @@
 """Shared-prefix text encoding (`dpt_peft/shared_prefix.py`) against CLIP's full text encoder.
 
-The reference is DPT's own full path, `DPTModel.encode_text` (the wrapped `TextContextEmbeddings` feeding
+The reference is DPT's own full path, `ClassFeatures.encode_text` (the wrapped `TextContextEmbeddings` feeding
 `CLIPModel.get_text_features`); the shared path gets the same embeddings and context parameter.
 """
 
@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, PreTrainedTokenizerBase
 
-import dpt_peft.model as dpt_model_module
+import dpt_peft.class_features as class_features_module
 from dpt_peft import DPTConfig
 from dpt_peft.backbones import ClipBackbone, PromptFormat
 from dpt_peft.class_prompts import PromptLayout, build_prompt_layout
@@ -48,7 +48,7 @@ def _one_thread():
 
 @functools.cache
 def _dpt(clip_path: str, shape: str, class_specific: bool) -> PeftModel:
-    """A CoOp-style adapter (text context only); its tuner's `encode_text` is the full-path reference."""
+    """A CoOp-style adapter (text context only); its class features' `encode_text` is the full-path reference."""
     config = DPTConfig(
         class_names=ALL_NAMES,
         num_text_tokens=NUM_CONTEXT,
@@ -135,7 +135,7 @@ def _features_and_grad(model: PeftModel, layout: PromptLayout, shared: bool) -> 
         )
         features = clip.text_projection(pooled)
     else:
-        features = tuner.encode_text(layout.input_ids, layout)
+        features = tuner.class_features.encode_text(layout.input_ids, layout, "default", "full")
     weights = torch.randn(features.shape, generator=torch.Generator().manual_seed(0))
     (grad,) = torch.autograd.grad((features.float() * weights).mean(), tuner.text_context())
     return features.detach(), grad
@@ -289,8 +289,9 @@ def test_auto_text_encoding_gives_the_full_path_logits_and_gradients(clip_path, 
         model = get_peft_model(CLIPModel.from_pretrained(clip_path), config).eval()
         calls = []
         with pytest.MonkeyPatch.context() as patch:
-            original = dpt_model_module.encode_with_shared_prefix
-            patch.setattr(dpt_model_module, "encode_with_shared_prefix", functools.partial(_counted, calls, original))
+            original = class_features_module.encode_with_shared_prefix
+            counted = functools.partial(_counted, calls, original)
+            patch.setattr(class_features_module, "encode_with_shared_prefix", counted)
             output = model(pixel_values=pixel_values, labels=labels, guidance=True)
         output.loss.backward()
         results[mode] = (output.logits.detach(), model.base_model.text_context().grad.clone(), bool(calls))

@@ -128,7 +128,7 @@ def test_visual_prompts_are_dropped_before_the_pooling_head(siglip, pixel_values
 def test_text_path_is_full_and_shared_prefix_is_refused(siglip):
     model = get_peft_model(siglip, DPTConfig(class_names=CLASS_NAMES, num_text_tokens=4)).eval()
     layout = model.base_model.task_classes("default").prompt_layout
-    assert model.base_model._shared_prefix_length(layout, "default") == 0  # "auto" chooses the full path
+    assert model.base_model.class_features.shared_prefix_length(layout, "default", "auto") == 0  # the full path
     with pytest.raises(ValueError, match="text_encoding='shared_prefix' needs a causal text tower.*siglip"):
         get_peft_model(SiglipModel(siglip.config), DPTConfig(class_names=CLASS_NAMES, text_encoding="shared_prefix"))
 
@@ -243,9 +243,9 @@ def test_auto_model_pipeline_and_card_on_siglip(siglip_path, tmp_path):
 
 
 def test_the_shipped_toy_siglip_loads_offline_under_its_id():
-    from dpt_peft.sources import load_clip
+    from dpt_peft.sources import load_base_model, load_image_processor
 
-    siglip, processor = load_clip("dpt-peft/toy-siglip")
+    siglip, processor = load_base_model("dpt-peft/toy-siglip"), load_image_processor("dpt-peft/toy-siglip")
     assert isinstance(siglip, SiglipModel) and siglip.name_or_path == "dpt-peft/toy-siglip"
     model = get_peft_model(siglip, DPTConfig(class_names=["left", "right"], num_text_tokens=4))
     assert model.peft_config["default"].base_model_name_or_path == "dpt-peft/toy-siglip"
@@ -258,10 +258,10 @@ def test_the_shipped_toy_siglip_loads_offline_under_its_id():
 def test_the_toy_siglip_knows_its_world_and_its_head_is_fitted():
     """The shipped towers carry position (zero-shot 83.7% on toy-position's 600 test images when measured), and the
     sigmoid head moved from SigLIP's start (t = 10, b = -10) to fit the pairs."""
-    from dpt_peft.sources import load_clip
+    from dpt_peft.sources import load_base_model, load_image_processor
     from dpt_peft.toy.tasks import toy_dataset
 
-    siglip, processor = load_clip("dpt-peft/toy-siglip")
+    siglip, processor = load_base_model("dpt-peft/toy-siglip"), load_image_processor("dpt-peft/toy-siglip")
     test = toy_dataset("position")["test"]
     names = test.features["label"].names
     model = get_peft_model(siglip, DPTConfig(class_names=names, num_text_tokens=4, num_visual_tokens=0))

@@ -10,24 +10,27 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from dpt_peft import DPTConfig, DPTImageCollator, DPTTrainer
-from dpt_peft.sources import load_clip
+from dpt_peft.sources import load_base_model, load_image_processor
 from dpt_peft.toy.tasks import toy_dataset
 from dpt_peft.training.recipe import Recipe
 
 
 def accuracy(prediction) -> dict:
-    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+    """As transformers' examples write it: a plain Trainer gathers every (batch-first) output, the logits first;
+    DPTTrainer hands over the logits alone."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, -1) == prediction.label_ids).mean())}
 
 
 @pytest.fixture(scope="module")
 def toy():
-    clip, processor = load_clip()
+    processor = load_image_processor()
     data = toy_dataset("position")
     return processor, data["train"].select(range(0, 160, 10)), data["test"].select(range(0, 600, 50))
 
 
 def new_model(toy_names):
-    return get_peft_model(load_clip()[0], DPTConfig(class_names=toy_names, num_text_tokens=4))
+    return get_peft_model(load_base_model(), DPTConfig(class_names=toy_names, num_text_tokens=4))
 
 
 def names(dataset) -> list[str]:

@@ -17,8 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from dpt_peft import DPTConfig, DPTImageCollator
 from dpt_peft.data.few_shot import data_fingerprint
-from dpt_peft.peft_model import NON_PREDICTION_OUTPUTS
-from dpt_peft.sources import load_clip
+from dpt_peft.sources import load_base_model, load_image_processor
 from dpt_peft.toy.tasks import toy_dataset
 from dpt_peft.training.arguments import TrainArguments
 from dpt_peft.training.trainer import train
@@ -27,7 +26,7 @@ from dpt_peft.training.trainer import train
 @pytest.fixture(scope="module")
 def pixels_and_labels():
     """A user's preprocessed dataset: 12 toy test images as `pixel_values` and `labels`, and the class names."""
-    _, processor = load_clip()
+    processor = load_image_processor()
     test = toy_dataset("position")["test"].select(range(0, 600, 50))
     batch = DPTImageCollator(processor)(list(test))
     dataset = Dataset.from_dict({"pixel_values": batch["pixel_values"].numpy(), "labels": batch["labels"].numpy()})
@@ -36,15 +35,16 @@ def pixels_and_labels():
 
 def test_a_plain_trainer_evaluates_with_compute_metrics_and_the_users_config_is_untouched(pixels_and_labels, tmp_path):
     dataset, batch, names = pixels_and_labels
-    clip = load_clip()[0]
+    clip = load_base_model()
     before = clip.config.to_dict()
     model = get_peft_model(clip, DPTConfig(class_names=names, num_text_tokens=4))
     assert clip.config.to_dict() == before  # nothing DPT-specific is written into the user's config
     seen = []
 
     def compute_metrics(prediction) -> dict:
-        seen.append(prediction.predictions.shape)
-        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+        logits = prediction.predictions[0]  # a plain Trainer gathers every output (all batch-first), logits first
+        seen.append(logits.shape)
+        return {"accuracy": float((np.argmax(logits, -1) == prediction.label_ids).mean())}
 
     args = TrainingArguments(
         str(tmp_path), per_device_eval_batch_size=5, report_to=[], use_cpu=True, label_names=["labels"]
@@ -52,13 +52,13 @@ def test_a_plain_trainer_evaluates_with_compute_metrics_and_the_users_config_is_
     metrics = Trainer(model=model, args=args, eval_dataset=dataset, compute_metrics=compute_metrics).evaluate()
     with torch.no_grad():
         output = model(**batch)
-    assert seen == [(12, len(names))]  # the logits only: model.config names the outputs without a batch dimension
+    assert seen == [(12, len(names))]
     assert metrics["eval_loss"] == pytest.approx(float(output.loss), rel=1e-4)
     assert metrics["eval_accuracy"] == pytest.approx(
         float((output.logits.argmax(-1) == batch["labels"]).float().mean())
     )
 
-    assert model.config.keys_to_ignore_at_inference == NON_PREDICTION_OUTPUTS
+    assert model.config is clip.config and not hasattr(model.config, "keys_to_ignore_at_inference")  # no view
     assert isinstance(model.config, type(clip.config)) and model.config.to_dict() == clip.config.to_dict()
     pickled = pickle.loads(pickle.dumps(model.config))  # as the user's own config class
     assert type(pickled) is type(clip.config) and pickled.to_dict() == clip.config.to_dict()
@@ -69,7 +69,7 @@ def test_a_plain_trainer_evaluates_with_compute_metrics_and_the_users_config_is_
 
 def test_a_plain_trainer_without_label_names_says_how_to_fix_it(pixels_and_labels, tmp_path):
     dataset, _, names = pixels_and_labels
-    model = get_peft_model(load_clip()[0], DPTConfig(class_names=names, num_text_tokens=4))
+    model = get_peft_model(load_base_model(), DPTConfig(class_names=names, num_text_tokens=4))
     args = TrainingArguments(
         str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[], use_cpu=True, save_strategy="no"
     )
@@ -103,7 +103,7 @@ def hub_calls(monkeypatch):
 
 
 def test_push_to_hub_takes_transformers_keyword_arguments(hub_calls, tmp_path):
-    model = get_peft_model(load_clip()[0], DPTConfig(class_names=["circle", "square"], num_text_tokens=4))
+    model = get_peft_model(load_base_model(), DPTConfig(class_names=["circle", "square"], num_text_tokens=4))
     model.push_to_hub(
         "someone/shapes",
         tags=["my-tag", "vision"],
@@ -121,7 +121,7 @@ def test_push_to_hub_takes_transformers_keyword_arguments(hub_calls, tmp_path):
 
 
 def test_push_to_hub_refuses_pickling_and_unknown_arguments_before_any_upload(hub_calls):
-    model = get_peft_model(load_clip()[0], DPTConfig(class_names=["circle", "square"], num_text_tokens=4))
+    model = get_peft_model(load_base_model(), DPTConfig(class_names=["circle", "square"], num_text_tokens=4))
     with pytest.raises(ValueError, match="safe_serialization=False: DPT adapters are only saved as safetensors"):
         model.push_to_hub("someone/shapes", safe_serialization=False)
     with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['shard_everything'\]"):

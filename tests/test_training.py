@@ -47,7 +47,7 @@ def test_toy_run_writes_adapter_metrics_curve_and_logs(tmp_path):
     ):
         assert key in written
     assert 0.2 < written["zero_shot_accuracy"] < 1 and 0 <= written["accuracy"] <= 1
-    assert written["num_train_images"] == 4 * len(POSITIONS) and written["num_test_images"] == 600
+    assert written["num_train_images"] == 4 * len(POSITIONS) and written["num_images"] == 600
     assert written["steps"] == 3 and written["epochs"] == 3
     assert sorted(written["per_class_accuracy"]) == sorted(POSITIONS)
     assert (tmp_path / "training_curve.png").stat().st_size > 1000
@@ -182,7 +182,7 @@ def test_image_folder_with_a_corrupt_image_is_trained_and_counted(tmp_path):
     folder = make_image_folder(tmp_path / "images", corrupt=True)
     metrics = run(tmp_path / "out", "--dataset", str(folder), "--shots", "2", "--num_text_tokens", "4")
     assert metrics["skipped_images"] == 1
-    assert metrics["num_train_images"] + metrics["num_test_images"] + metrics["skipped_images"] == 16
+    assert metrics["num_train_images"] + metrics["num_images"] + metrics["skipped_images"] == 16
 
 
 @pytest.mark.parametrize(
@@ -237,7 +237,7 @@ def test_two_cpu_processes_with_torchrun(tmp_path):
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["num_test_images"] == 600  # gathered once across processes, no duplicates
+    assert metrics["num_images"] == 600  # gathered once across processes, no duplicates
     assert metrics["steps"] == 3  # 20 images: one batch of 32 per epoch, split over 2 processes
     assert completed.stdout.count("zero-shot accuracy") == 1  # printed by the main process only
 
@@ -263,7 +263,7 @@ def test_accelerate_launch_single_process(tmp_path):
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert json.loads((tmp_path / "metrics.json").read_text())["num_test_images"] == 600
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 600
 
 
 def test_bf16_mixed_precision_run(tmp_path, fresh_accelerate_state):

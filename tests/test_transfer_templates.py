@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 
 from dpt_peft import DPTConfig
 from dpt_peft.experiments import benchmark
-from dpt_peft.training.evaluation import evaluate_adapter
+from dpt_peft.training.evaluation import EvaluationSpec, evaluate_adapter
 
 OTHER_TEMPLATE = "the {} x."
 
@@ -53,16 +53,14 @@ def test_eval_metrics_record_the_template_and_tell_repeated_names_apart(tmp_path
     features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog", "cat (2)"])})
     dataset = Dataset.from_dict({"image": images, "label": [0, 1, 2]}, features=features)
     with pytest.warns(UserWarning, match="more than once"):
-        report = evaluate_adapter(
-            clip_path,
-            str(tmp_path / "adapter"),
-            dataset,
-            names,
-            "image",
-            "label",
-            str(tmp_path / "eval"),
+        spec = EvaluationSpec(
+            adapter=str(tmp_path / "adapter"),
+            split=dataset,
+            class_names=names,
+            model_name_or_path=clip_path,
             zero_shot_template=OTHER_TEMPLATE,
         )
+        report = evaluate_adapter(spec, str(tmp_path / "eval"))
     written = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert written["zero_shot_template"] == OTHER_TEMPLATE
     assert list(written["per_class_accuracy"]) == ["cat", "dog", "cat (2)"] and report["missing_images"] == 0
@@ -71,10 +69,14 @@ def test_eval_metrics_record_the_template_and_tell_repeated_names_apart(tmp_path
 def test_targets_get_their_own_template_and_are_not_evaluated_twice(tmp_path, monkeypatch):
     calls = []
 
-    def fake_evaluate(model, adapter, test, names, *args, zero_shot_template=None, base_to_new=False, **kwargs):
-        calls.append((len(names), zero_shot_template))
-        out = args[2]
-        report = {"accuracy": 0.5, "zero_shot_template": zero_shot_template, "skipped_images": 1, "missing_images": 0}
+    def fake_evaluate(spec, out, **kwargs):
+        calls.append((len(spec.class_names), spec.zero_shot_template))
+        report = {
+            "accuracy": 0.5,
+            "zero_shot_template": spec.zero_shot_template,
+            "skipped_images": 1,
+            "missing_images": 0,
+        }
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "eval_metrics.json").write_text(json.dumps(report))
         return report
@@ -83,13 +85,15 @@ def test_targets_get_their_own_template_and_are_not_evaluated_twice(tmp_path, mo
         make_layout(tmp_path / "data", name)
     monkeypatch.setattr(benchmark, "evaluate_adapter", fake_evaluate)
     spec = benchmark.RunSpec("cross_dataset", "imagenet", "dpt", 16, 1)
-    evaluation = benchmark.Evaluation(spec, tmp_path / "run" / "train", str(tmp_path / "data"), None, None, False)
+    grid = benchmark.GridSpec("cross_dataset", str(tmp_path / "data"), str(tmp_path), ["imagenet"], [16], [1], ["dpt"])
+    evaluation = benchmark.Evaluation(spec, tmp_path / "run" / "train", grid)
     metrics = {"accuracy": 0.7, "skipped_images": 2}
     result = evaluation.result(metrics, ["eurosat", "dtd"])
     assert calls == [(3, "a centered satellite photo of {}."), (2, "{} texture.")]
     assert result == {"source_accuracy": 0.7, "skipped_images": 4, "missing_images": 0, "eurosat": 0.5, "dtd": 0.5}
     assert evaluation.result(metrics, ["eurosat", "dtd"]) == result and len(calls) == 2  # read back on resume
-    given = benchmark.Evaluation(spec, tmp_path / "other" / "train", str(tmp_path / "data"), None, "{}.", False)
+    given_grid = dataclasses.replace(grid, config_options={"zero_shot_template": "{}."})
+    given = benchmark.Evaluation(spec, tmp_path / "other" / "train", given_grid)
     given.result(metrics, ["eurosat"])
     assert calls[-1] == (3, "{}.")  # an explicit --zero_shot_template applies everywhere
 
@@ -100,6 +104,14 @@ def test_a_grid_checks_its_data_before_its_first_run(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "run_grid", lambda runs, finish: trained.append(runs) or [])
     with pytest.raises(FileNotFoundError, match="ucf101: NOT READY") as error:
         benchmark.run_protocol(
-            "cross_dataset", str(tmp_path / "data"), str(tmp_path / "out"), ["ucf101"], [16], [1], ["dpt"]
+            benchmark.GridSpec(
+                protocol="cross_dataset",
+                data_root=str(tmp_path / "data"),
+                output_dir=str(tmp_path / "out"),
+                datasets=["ucf101"],
+                shots=[16],
+                seeds=[1],
+                methods=["dpt"],
+            )
         )
     assert trained == [] and "DATASETS.md#ucf101" in str(error.value)

@@ -34,7 +34,7 @@ def test_validation_every_epoch_keeps_the_best_adapter(tmp_path, monkeypatch):
         history[best]["val_accuracy"]
     )
     assert (tmp_path / "best_adapter" / "adapter_model.safetensors").exists()
-    assert metrics["num_test_images"] == 600  # the test split is untouched by validation
+    assert metrics["num_images"] == 600  # the test split is untouched by validation
     # Validation images: 4 per class x 5 classes = 20, so 20 frozen features for the first validation and none later.
     # (Training batches: 20 images per epoch; the final test: 600.)
     assert sum(calls) == 3 * 20 + 20 + 600
@@ -103,4 +103,4 @@ def test_decoding_workers_count_each_unreadable_test_image_once(tmp_path):
             str(tmp_path / "run"),
         ]
     )
-    assert metrics["skipped_images"] == 1 and metrics["num_test_images"] == 7
+    assert metrics["skipped_images"] == 1 and metrics["num_images"] == 7

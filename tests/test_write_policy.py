@@ -26,6 +26,7 @@ from PIL import Image as PILImage
 from transformers import CLIPModel
 
 from dpt_peft import DPTConfig, predict
+from dpt_peft.cli.commands import run_command
 from dpt_peft.data import decoded_cache
 from dpt_peft.data.coop_readers import load_coop_dataset
 from dpt_peft.data.coop_splits import coop_few_shot_split, load_split_file, save_split_file
@@ -36,14 +37,8 @@ from dpt_peft.experiments.grid import read_result
 from dpt_peft.training.run_dir import check_output_dir, first_difference
 from dpt_peft.training.run_layout import LOCK_FILE
 from dpt_peft.training.run_lock import RunLock, check_lock
-from dpt_peft.utils.write_policy import (
-    MANIFEST_FILE,
-    OutputFolder,
-    OutputRefused,
-    UserInputError,
-    check_writable_dir,
-    run_command,
-)
+from dpt_peft.utils.errors import OutputRefused, UserInputError
+from dpt_peft.utils.write_policy import MANIFEST_FILE, OutputFolder, check_writable_dir
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -386,6 +381,8 @@ def test_a_refusal_is_one_line_and_exit_status_2(capsys):
     assert "Traceback" in capsys.readouterr().err
     with pytest.raises(KeyError):  # a bug is not a refusal: its traceback stays
         run_command(lambda argv: {}["missing"], [])
+    with pytest.raises(ValueError):  # also a bare ValueError or TimeoutError: only the project's refusals are lines
+        run_command(lambda argv: int("x"), [])
     assert run_command(lambda argv: len(argv), ["a", "b"]) == 2
     assert MANIFEST_FILE.startswith(".")
 
@@ -405,17 +402,18 @@ def test_an_empty_class_folder_is_named_in_a_warning(tmp_path, caplog):
 
 
 def test_evaluate_refuses_an_output_dir_that_is_a_file_before_any_work(tmp_path):
-    from dpt_peft.training.evaluation import evaluate_adapter
+    from dpt_peft.training.evaluation import EvaluationSpec, evaluate_adapter
 
+    spec = EvaluationSpec(adapter=str(tmp_path / "no_adapter"), split=None, class_names=[])
     (tmp_path / "report").write_text("x")
     with pytest.raises(OutputRefused, match="report is a file, not a folder"):  # before the (missing) adapter loads
-        evaluate_adapter(None, str(tmp_path / "no_adapter"), None, [], "image", "label", str(tmp_path / "report"))
+        evaluate_adapter(spec, str(tmp_path / "report"))
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "eval_metrics.json").write_text("the user's")
     with pytest.raises(
         OutputRefused, match="eval_metrics.json exists and dpt_peft did not write it.*--overwrite_output_dir"
     ):
-        evaluate_adapter(None, str(tmp_path / "no_adapter"), None, [], "image", "label", str(tmp_path / "eval"))
+        evaluate_adapter(spec, str(tmp_path / "eval"))
 
 
 def test_reports_never_replace_a_users_files(tmp_path):
@@ -477,3 +475,16 @@ def test_a_bomb_in_a_test_set_is_skipped_and_counted(tmp_path):
     batcher = ImageBatcher(AutoImageProcessor.from_pretrained(resolve(TOY_CLIP_ID)), "image", "label")
     batch = batcher([{"image": {"path": str(p), "bytes": None}, "label": 0} for p in (good, bomb)])
     assert batch["pixel_values"].shape[0] == 1 and batcher.skipped == [str(bomb)]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_a_plain_open_gives_under_the_umask(tmp_path, umask, mode):
+    """A team sharing a run folder reads its metrics and adapter: mkstemp's 0600 is not what the user's umask says."""
+    previous = os.umask(umask)
+    try:
+        written = OutputFolder(tmp_path).write_text("metrics.json", "{}")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == mode == (tmp_path / "plain.txt").stat().st_mode & 0o777

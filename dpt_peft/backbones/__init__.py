@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..utils.errors import UserInputError
 from .base import Backbone, PromptFormat
 from .clip import ClipBackbone
 from .siglip import SiglipBackbone
 
 BACKBONES: tuple[type[Backbone], ...] = (ClipBackbone, SiglipBackbone)
+
+
+class UnsupportedModelError(UserInputError, TypeError):
+    """A base model of a family DPT has no backbone for (a `TypeError`, as for any argument of the wrong type)."""
 
 
 def backbone_for(model: nn.Module) -> Backbone:
@@ -23,12 +28,21 @@ def backbone_for(model: nn.Module) -> Backbone:
         if isinstance(model, backbone.model_class):
             return backbone(model)
         if type(model).__name__ in backbone.refused_models:
-            raise TypeError(backbone.refused_models[type(model).__name__])
+            raise UnsupportedModelError(backbone.refused_models[type(model).__name__])
     supported = " or ".join(f"transformers.{b.model_class.__name__}" for b in BACKBONES)
-    raise TypeError(
+    loaders = " or ".join(f"{b.model_class.__name__}.from_pretrained(...)" for b in BACKBONES)
+    raise UnsupportedModelError(
         f"DPT adapts a {supported} (a dual-encoder image-text model), got {type(model).__name__}; load the base "
-        "model with its own class, e.g. CLIPModel.from_pretrained(...)."
+        f"model with its family's own class, {loaders}."
     )
 
 
-__all__ = ["BACKBONES", "Backbone", "ClipBackbone", "PromptFormat", "SiglipBackbone", "backbone_for"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "ClipBackbone",
+    "PromptFormat",
+    "SiglipBackbone",
+    "UnsupportedModelError",
+    "backbone_for",
+]

@@ -29,15 +29,18 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 class Backbone(ABC):
     """One dual-encoder family behind the seam; built around the (possibly already wrapped) base model.
 
-    Subclasses name their model class, their module paths and how features are pooled, projected and compared.
+    Subclasses name their model class and say how text is pooled and projected. The defaults are what transformers'
+    dual encoders (CLIP, SigLIP) share: `text_model` / `vision_model` towers, `get_text_features` and
+    `get_image_features`, and `exp(logit_scale)` times the cosine; a family that differs overrides them.
     """
 
     model_class: ClassVar[type[nn.Module]]
     family: ClassVar[str]  # recorded in adapters and model cards
+    display_name: ClassVar[str]  # the family as people write it, in messages ("CLIP", "SigLIP")
     causal_text: ClassVar[bool]  # causal text attention: tokens after the pooled one never change it (exact cuts)
     num_prefix_tokens: ClassVar[int]  # vision tokens before the patch tokens (CLIP's CLS)
-    text_embeddings_key: ClassVar[str]  # module path of the text embeddings (where the learned context goes in)
-    vision_layer_key_format: ClassVar[str]  # module path of vision encoder layer i, with `{}` for i
+    text_embeddings_key: ClassVar[str] = "text_model.embeddings"  # where the learned context goes in
+    vision_layer_key_format: ClassVar[str] = "vision_model.encoder.layers.{}"  # vision layer i, with `{}` for i
     # Model classes of this family DPT cannot adapt (class name -> why, and what to load instead): refused by name.
     refused_models: ClassVar[dict[str, str]] = {}
 
@@ -105,9 +108,11 @@ class Backbone(ABC):
     def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled, normalized text hidden states `[C, E]` to the joint space `[C, P]`."""
 
-    @abstractmethod
     def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Joint-space features `[C, P]` of token ids through the whole text tower (with whatever DPT wrapped)."""
+        """Joint-space features `[C, P]` of token ids through the whole text tower (with whatever DPT wrapped); no
+        attention mask: a causal tower never looks past the pooled token, and SigLIP was trained attending to its
+        padding."""
+        return self.model.get_text_features(input_ids=input_ids).pooler_output
 
     @property
     @abstractmethod
@@ -119,17 +124,17 @@ class Backbone(ABC):
         return PromptFormat(tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.eos_token_id, False)
 
     # ------------------------------------------------------------------ vision tower and the joint space
-    @abstractmethod
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Joint-space image features `[B, P]` (with whatever DPT wrapped in the vision layers)."""
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
 
     def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The patch tokens of a vision layer's tokens `[B, N, D]` (prefix tokens such as CLS removed)."""
         return tokens[:, self.num_prefix_tokens :]
 
-    @abstractmethod
     def logit_scale(self) -> torch.Tensor:
         """The learned temperature as the multiplier of cosine similarities."""
+        return self.model.logit_scale.exp()
 
     def logits(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Class logits `[B, C]`: scaled cosine similarity of image and text features, as the family scores them."""

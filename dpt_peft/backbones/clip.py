@@ -13,10 +13,9 @@ class ClipBackbone(Backbone):
 
     model_class = CLIPModel
     family = "clip"
+    display_name = "CLIP"
     causal_text = True
     num_prefix_tokens = 1  # CLS
-    text_embeddings_key = "text_model.embeddings"
-    vision_layer_key_format = "vision_model.encoder.layers.{}"
 
     @property
     def projection_dim(self) -> int:
@@ -33,15 +32,6 @@ class ClipBackbone(Backbone):
     def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.model.text_projection(pooled)
 
-    def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_text_features(input_ids=input_ids).pooler_output
-
     @property
     def text_parameter(self) -> torch.Tensor:
         return self.model.text_projection.weight
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
-
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, SiglipModel
 
+from ..utils.errors import UserInputError
 from .base import Backbone, PromptFormat
 
 PROBE_TEXT = "a"  # any text: what the tokenizer adds around it is how it frames every prompt
@@ -26,10 +27,9 @@ class SiglipBackbone(Backbone):
 
     model_class = SiglipModel
     family = "siglip"
+    display_name = "SigLIP"
     causal_text = False
     num_prefix_tokens = 0  # no CLS: the vision tokens are the patches
-    text_embeddings_key = "text_model.embeddings"
-    vision_layer_key_format = "vision_model.encoder.layers.{}"
     refused_models = {
         "Siglip2Model": (
             "SigLIP 2's NaFlex variant (Siglip2Model) takes patchified pixels with spatial_shapes and a "
@@ -42,7 +42,7 @@ class SiglipBackbone(Backbone):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         if not model.config.vision_config.vision_use_head:
-            raise ValueError(
+            raise UserInputError(
                 "This SigLIP has no vision pooling head (vision_use_head=False), so it gives no image feature to "
                 "compare with text; load a SigLIP checkpoint with its head."
             )
@@ -58,10 +58,6 @@ class SiglipBackbone(Backbone):
     def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.model.text_model.head(pooled)
 
-    def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """No attention mask: SigLIP was trained attending to its padding, and pools a padding position."""
-        return self.model.get_text_features(input_ids=input_ids).pooler_output
-
     @property
     def text_parameter(self) -> torch.Tensor:
         return self.model.text_model.head.weight
@@ -75,18 +71,12 @@ class SiglipBackbone(Backbone):
         before, after = framed[:start], framed[start + len(bare) :]
         end_id = after[-1] if after else tokenizer.eos_token_id
         if end_id is None:
-            raise ValueError(
+            raise UserInputError(
                 f"The tokenizer {type(tokenizer).__name__} adds no end token and has no eos_token; DPT needs one to "
                 "end each class prompt. Load the base model's own tokenizer (tokenizer_name_or_path)."
             )
         pad_id = end_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
         return PromptFormat(before[0] if before else None, end_id, pad_id, True)
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
-
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()
 
     def logits(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """SigLIP's own logits: the scaled cosine plus `logit_bias` (sigmoid of them is SigLIP's match probability)."""

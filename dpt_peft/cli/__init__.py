@@ -1,16 +1,9 @@
 """Every command of dpt_peft: `dpt-peft <command>`, `python -m dpt_peft <command>`, and the examples/ scripts.
 
-dpt-peft train [--help]          # accelerate launch -m dpt_peft train ... for several processes
-dpt-peft evaluate --adapter DIR [--base_to_new]
-dpt-peft predict --adapter DIR IMAGES...
-dpt-peft visualize --adapter DIR IMAGES... [--context]
-dpt-peft ablation [--seeds 1 2 3]
-dpt-peft benchmark --protocol few_shot --data_root DATA
-dpt-peft data check --data_root DATA [--datasets imagenet eurosat]
-
-Every command's flags are in `parsers.py` (train's built in `train_args.py` from the fields of `TrainArguments` and
-`DPTConfig`); `dpt-peft --help` answers from their texts without importing torch (dpt_peft_launcher.py). The library
-never imports this package.
+`COMMANDS` at the bottom is the one table of commands: the overview (`dpt-peft --help`), the help files the launcher
+ships (`help_files.py`) and `main` iterate it. Adding a command is a parser (`parsers.py`), a function here that
+parses and calls the library, and its row in `COMMANDS`; then `python -m dpt_peft.cli.help_files`. The library never
+imports this package.
 """
 
 from __future__ import annotations
@@ -21,18 +14,18 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 
-from ..adapter_files import local_weights
+from ..config import DPTConfig
 from ..integrations.inference import expand_paths, predict
 from ..sources import load_adapted_model
-from ..utils.write_policy import OutputFolder, check_writable_dir, checked_file, run_command
+from ..utils.write_policy import OutputFolder, check_writable_dir, checked_file
+from .commands import Command, overview, run_command
 from .parsers import (
     ablation_parser,
     benchmark_parser,
-    data_parsers,
+    data_check_parser,
+    data_parser,
     evaluate_parser,
-    overview,
     predict_parser,
     visualize_parser,
 )
@@ -61,12 +54,12 @@ def train_main(argv: list[str] | None = None) -> dict:
 def evaluate_main(argv: list[str] | None = None) -> dict:
     """`dpt-peft evaluate`: the evaluation report (flags: `parsers.evaluate_parser`)."""
     from ..data.datasets import load_checked_split
-    from ..training.evaluation import evaluate_adapter
+    from ..training.evaluation import EvaluationSpec, evaluate_adapter
 
     args = evaluate_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_writable_dir(args.output_dir, "--output_dir")  # before the data loads; evaluate_adapter checks its files
-    local_weights(args.adapter)
+    adapter_config = DPTConfig.from_pretrained(args.adapter)  # the one check of the adapter, before the data loads
 
     _, split, class_names = load_checked_split(
         args.dataset,
@@ -78,20 +71,20 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         data_root=args.data_root,
         subsample=args.subsample_classes,
     )
-    report = evaluate_adapter(
-        args.model_name_or_path,
-        args.adapter,
-        split,
-        class_names,
-        args.image_column,
-        args.label_column,
-        args.output_dir,
-        args.eval_batch_size,
-        _comma_list(args.base_classes),
-        _comma_list(args.new_classes),
-        args.base_to_new,
-        overwrite_output_dir=args.overwrite_output_dir,
+    spec = EvaluationSpec(
+        adapter=args.adapter,
+        split=split,
+        class_names=class_names,
+        model_name_or_path=args.model_name_or_path,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        batch_size=args.eval_batch_size,
+        base_to_new=args.base_to_new,
+        base_classes=_comma_list(args.base_classes),
+        new_classes=_comma_list(args.new_classes),
+        adapter_config=adapter_config,
     )
+    report = evaluate_adapter(spec, args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
     print(json.dumps({k: v for k, v in report.items() if k != "per_class_accuracy"}, indent=2))
     return report
 
@@ -167,23 +160,24 @@ def ablation_main(argv: list[str] | None = None) -> dict:
 
 def benchmark_main(argv: list[str] | None = None) -> str:
     """`dpt-peft benchmark`: the path of results.md (flags: `parsers.benchmark_parser`, then train's)."""
-    from ..experiments.benchmark import benchmark
+    from ..experiments.benchmark import GridSpec, benchmark
 
     args, extra = benchmark_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    report = benchmark(
-        args.protocol,
-        args.data_root,
-        args.output_dir,
-        args.datasets,
-        args.shots,
-        args.seeds,
-        args.methods,
-        args.model_name_or_path,
-        *parse_given_flags(extra),
-        confidence_interval=args.confidence_interval,
-        overwrite_reports=args.overwrite_reports,
+    options, config_options = parse_given_flags(extra)
+    grid = GridSpec(
+        protocol=args.protocol,
+        data_root=args.data_root,
+        output_dir=args.output_dir,
+        datasets=args.datasets,
+        shots=args.shots,
+        seeds=args.seeds,
+        methods=args.methods,
+        model_name_or_path=args.model_name_or_path,
+        options=options,
+        config_options=config_options,
     )
+    report = benchmark(grid, confidence_interval=args.confidence_interval, overwrite_reports=args.overwrite_reports)
     print(report.read_text())
     return str(report)
 
@@ -192,7 +186,7 @@ def data_main(argv: list[str] | None = None) -> bool:
     """`dpt-peft data check`: whether every dataset is complete (flags: `parsers.data_parsers`)."""
     from ..data.check import check_data
 
-    args = data_parsers()[0].parse_args(argv)
+    args = data_parser().parse_args(argv)
     checks = check_data(args.data_root, args.datasets, args.skip_missing_images)
     print("\n".join(c.summary() for c in checks))
     if not all(c.ok for c in checks):
@@ -200,30 +194,31 @@ def data_main(argv: list[str] | None = None) -> bool:
     return True
 
 
-COMMANDS: dict[str, Callable] = {
-    "train": train_main,
-    "evaluate": evaluate_main,
-    "predict": predict_main,
-    "visualize": visualize_main,
-    "ablation": ablation_main,
-    "benchmark": benchmark_main,
-    "data": data_main,
-}
+COMMANDS: tuple[Command, ...] = (
+    Command("train", build_parser, train_main),
+    Command("evaluate", evaluate_parser, evaluate_main),
+    Command("predict", predict_parser, predict_main),
+    Command("visualize", visualize_parser, visualize_main),
+    Command("ablation", ablation_parser, ablation_main),
+    Command("benchmark", benchmark_parser, benchmark_main),
+    Command("data", data_parser, data_main, {"check": data_check_parser}),
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     """`dpt-peft <command> [flags]`; each command's own --help lists its flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS:
+    commands = {command.name: command for command in COMMANDS}
+    if not argv or argv[0] not in commands:
         asked = bool(argv) and argv[0] in ("-h", "--help")
-        print(overview(), end="", file=sys.stdout if asked else sys.stderr)
+        print(overview(COMMANDS), end="", file=sys.stdout if asked else sys.stderr)
         raise SystemExit(0 if asked else 2)
     sys.argv[0] = f"dpt-peft {argv[0]}"
     flags = argv[1:]
     verbose = "--verbose" in flags  # a refusal is one line (what, why, the fix); --verbose adds the traceback
     if argv[0] != "train":  # train's own --verbose also sets its log level
         flags = [flag for flag in flags if flag != "--verbose"]
-    run_command(COMMANDS[argv[0]], flags, verbose)
+    run_command(commands[argv[0]].run, flags, verbose)
 
 
 def _figure_names(sources: list[str]) -> list[str]:

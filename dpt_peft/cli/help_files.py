@@ -1,24 +1,33 @@
 """The help texts that dpt_peft_launcher.py prints for `dpt-peft --help` and `dpt-peft <command> --help` without
-importing torch: written from the real parsers by `python -m dpt_peft.cli.help_files`, and checked against them by
-tests/test_cli_help.py."""
+importing torch: written from the command table (`cli/__init__.py: COMMANDS`) by `python -m dpt_peft.cli.help_files`,
+and checked against the real parsers by tests/test_cli_help.py.
+
+Why a cache at all: any `dpt_peft` import registers DPT with PEFT, which imports torch and transformers (seconds),
+and a `--help` should answer at once. Why it cannot go stale unseen: argparse lays help out differently from one
+Python to the next, so the test compares the texts exactly on the version that wrote them (`PYTHON_VERSION_FILE`)
+and, on any other version, checks that every flag and every help sentence of the real parsers is in them.
+"""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
 
-from .parsers import PARSERS, overview
+from . import COMMANDS
+from .commands import overview
 
 HELP_DIR = Path(__file__).parent / "help"
 OVERVIEW_NAME = "dpt-peft"
-# argparse's layout changes between Python versions: the texts are compared on the version that wrote them.
 PYTHON_VERSION_FILE = HELP_DIR / "python_version"
 REGENERATE = "python -m dpt_peft.cli.help_files"
 
 
 def help_texts() -> dict[str, str]:
     """Each help file's name and the text the real parser prints."""
-    return {OVERVIEW_NAME: overview(), **{name: build().format_help() for name, build in PARSERS.items()}}
+    texts = {OVERVIEW_NAME: overview(COMMANDS)}
+    for command in COMMANDS:
+        texts |= command.help_texts()
+    return texts
 
 
 def write_help_texts() -> None:

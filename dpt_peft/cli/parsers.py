@@ -1,47 +1,48 @@
-"""The parser of every command, and the overview `dpt-peft --help` prints: the one source of the help texts that
-dpt_peft_launcher.py prints without importing torch (written by `python -m dpt_peft.cli.help_files`)."""
+"""The parser of every command but train's (`train_args.py`), each with its description: the one source of the help
+texts that dpt_peft_launcher.py prints without importing torch (written by `python -m dpt_peft.cli.help_files`)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
-from .train_args import TRAIN_DESCRIPTION, HelpFormatter, add_train_fields, build_parser
+from .train_args import HelpFormatter, add_train_fields
 
-COMMAND_DESCRIPTIONS = {
-    "train": TRAIN_DESCRIPTION,
-    "evaluate": """Evaluate an adapter on a dataset split, optionally on base and new classes apart.
+EVALUATE_DESCRIPTION = """Evaluate an adapter on a dataset split, optionally on base and new classes apart.
 
-The data flags are train's (same names, defaults and help): repeat a run's data flags to evaluate on its data.""",
-    "predict": "Classify images with an adapter: the top classes of each, as a table and as JSON lines in --output.",
-    "visualize": """Draw the class-aware attention maps of each image's top classes, one PNG per image.
+The data flags are train's (same names, defaults and help): repeat a run's data flags to evaluate on its data."""
+PREDICT_DESCRIPTION = (
+    "Classify images with an adapter: the top classes of each, as a table and as JSON lines in --output."
+)
+VISUALIZE_DESCRIPTION = """Draw the class-aware attention maps of each image's top classes, one PNG per image.
 
-With --context, also print the vocabulary tokens nearest to each learned context vector.""",
-    "ablation": """Compare zero-shot CLIP, CoOp, VPT, VPT+CoOp and DPT on the embedded default over several seeds.
+With --context, also print the vocabulary tokens nearest to each learned context vector."""
+ABLATION_DESCRIPTION = (
+    "Compare zero-shot CLIP, CoOp, VPT, VPT+CoOp and DPT on the embedded default over several seeds."
+    """
 
 Writes results.md, results.json and ablation.png. Any of train's flags given here go to every training run (e.g.
---epochs 10); `dpt-peft train --help` lists them.""",
-    "benchmark": """Run the paper's protocols on the CoOp datasets as a resumable grid of runs, and report them.
+--epochs 10); `dpt-peft train --help` lists them."""
+)
+BENCHMARK_DESCRIPTION = """Run the paper's protocols on the CoOp datasets as a resumable grid of runs, and report them.
 
 Writes results.md, results.csv and plots to --output_dir. Any of train's flags given here go to every training run;
-`dpt-peft train --help` lists them.""",
-    "data": "Check that CoOp datasets are laid out, split and complete as CoOp expects (`data check`).",
-}
+`dpt-peft train --help` lists them."""
+DATA_DESCRIPTION = "Check that CoOp datasets are laid out, split and complete as CoOp expects (`data check`)."
 
 
-def _parser(command: str, passes_on_train_flags: bool = False) -> argparse.ArgumentParser:
+def _parser(command: str, description: str, passes_on_train_flags: bool = False) -> argparse.ArgumentParser:
     """`passes_on_train_flags`: no abbreviations, so that train's --seed or --dataset is not taken for --seeds or
     --datasets."""
     return argparse.ArgumentParser(
         prog=f"dpt-peft {command}",
-        description=COMMAND_DESCRIPTIONS[command],
+        description=description,
         formatter_class=HelpFormatter,
         allow_abbrev=not passes_on_train_flags,
     )
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    parser = _parser("evaluate")
+    parser = _parser("evaluate", EVALUATE_DESCRIPTION)
     parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
     parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the one the adapter records).")
     add_train_fields(parser, {"dataset": [], "data_root": [], "subsample_classes": []})
@@ -68,8 +69,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _image_parser(command: str, top_k: int) -> argparse.ArgumentParser:
-    parser = _parser(command)
+def _image_parser(command: str, description: str, top_k: int) -> argparse.ArgumentParser:
+    parser = _parser(command, description)
     parser.add_argument("images", nargs="+", help="Image files and/or directories of images.")
     parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
     parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the one the adapter records).")
@@ -79,7 +80,7 @@ def _image_parser(command: str, top_k: int) -> argparse.ArgumentParser:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    parser = _image_parser("predict", top_k=5)
+    parser = _image_parser("predict", PREDICT_DESCRIPTION, top_k=5)
     parser.add_argument("--output", default="predictions.jsonl", help="JSON lines: path, labels, probabilities.")
     parser.add_argument("--overwrite_output", action="store_true", help="Replace an existing --output file.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
@@ -87,7 +88,7 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def visualize_parser() -> argparse.ArgumentParser:
-    parser = _image_parser("visualize", top_k=3)
+    parser = _image_parser("visualize", VISUALIZE_DESCRIPTION, top_k=3)
     parser.add_argument("--output_dir", default="outputs/attention", help="Folder for one PNG per image.")
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="Replace PNGs in --output_dir that dpt_peft did not write."
@@ -97,7 +98,7 @@ def visualize_parser() -> argparse.ArgumentParser:
 
 
 def ablation_parser() -> argparse.ArgumentParser:
-    parser = _parser("ablation", passes_on_train_flags=True)
+    parser = _parser("ablation", ABLATION_DESCRIPTION, passes_on_train_flags=True)
     parser.add_argument("--output_dir", default="outputs/ablation", help="Folder of the ablation's training runs.")
     parser.add_argument(
         "--docs_dir", default=None, help="Folder for results.md, results.json and ablation.png (default: --output_dir)."
@@ -114,7 +115,7 @@ def ablation_parser() -> argparse.ArgumentParser:
 def benchmark_parser() -> argparse.ArgumentParser:
     from ..experiments.benchmark import FEW_SHOT_DATASETS, PROTOCOLS
 
-    parser = _parser("benchmark", passes_on_train_flags=True)
+    parser = _parser("benchmark", BENCHMARK_DESCRIPTION, passes_on_train_flags=True)
     parser.add_argument("--protocol", choices=PROTOCOLS, default="few_shot", help="The paper's protocol to run.")
     parser.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
     parser.add_argument("--datasets", nargs="+", default=list(FEW_SHOT_DATASETS), help="Training (or target) datasets.")
@@ -136,41 +137,26 @@ def benchmark_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def data_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """`data` and its `check` subcommand."""
-    from ..data.catalog import DATASET_NAMES
-
-    parser = _parser("data")
+def data_parser() -> argparse.ArgumentParser:
+    """`data` and its `check` subcommand (whose flags are `data_check_parser`'s)."""
+    parser = _parser("data", DATA_DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, title="commands")
-    check = commands.add_parser(
+    commands.add_parser(
         "check",
         help="Verify layouts, split files and image counts.",
-        description=COMMAND_DESCRIPTIONS["data"],
+        description=DATA_DESCRIPTION,
         formatter_class=HelpFormatter,
+        parents=[data_check_parser()],
+        add_help=False,
     )
-    check.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
-    check.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), help="Datasets to check.")
-    check.add_argument("--skip_missing_images", action="store_true", help="Report missing images as skipped.")
-    return parser, check
+    return parser
 
 
-# Every help text the launcher ships, by its file name (dpt_peft/cli/help/<name>.txt).
-PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
-    "train": build_parser,
-    "evaluate": evaluate_parser,
-    "predict": predict_parser,
-    "visualize": visualize_parser,
-    "ablation": ablation_parser,
-    "benchmark": benchmark_parser,
-    "data": lambda: data_parsers()[0],
-    "data-check": lambda: data_parsers()[1],
-}
+def data_check_parser() -> argparse.ArgumentParser:
+    from ..data.catalog import DATASET_NAMES
 
-
-def overview() -> str:
-    """What `dpt-peft --help` prints: each command with the first sentence of its description."""
-    names = list(COMMAND_DESCRIPTIONS)
-    lines = [f"usage: dpt-peft {{{','.join(names)}}} [--help] ...", "", "commands:"]
-    lines += [f"  {name:10} {COMMAND_DESCRIPTIONS[name].splitlines()[0]}" for name in names]
-    lines += ["", "`dpt-peft <command> --help` lists a command's flags."]
-    return "\n".join(lines) + "\n"
+    parser = _parser("data check", DATA_DESCRIPTION)
+    parser.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), help="Datasets to check.")
+    parser.add_argument("--skip_missing_images", action="store_true", help="Report missing images as skipped.")
+    return parser

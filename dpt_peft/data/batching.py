@@ -91,8 +91,10 @@ class ReportingImageBatcher(ImageBatcher):
     """`ImageBatcher` for DataLoader workers.
 
     - Its batches also carry the images they skipped: `batch["skipped"]` is a list of (path, "Error: message").
-      A worker's own `skipped` list dies with the worker; these reach the main process, where `SkipCounter.take`
-      counts and logs each image once. A batch of unreadable images only is `{"skipped": [...]}`.
+      A worker's own `skipped` list dies with the worker; these reach the main process, where the loader that
+      yields the batch (`loaders.TrainLoader`, `loaders.EvalLoader`) counts and logs each image once with
+      `SkipCounter.take` and hands on `{"pixel_values", "labels"}` only. A batch of unreadable images only is
+      `{"skipped": [...]}`.
     - `epoch` lives in shared memory, so persistent workers (which keep the copy of the collate they started
       with) crop by the epoch the main process sets, not by the one they started in.
     """

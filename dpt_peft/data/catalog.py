@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..utils.errors import UserInputError
+
 Reader = Literal["split_file", "fgvc_aircraft", "imagenet", "imagenetv2", "wnid_folders"]
 
 CLASSNAMES_FILE = "classnames.txt"
@@ -113,7 +115,7 @@ DATASET_NAMES: tuple[str, ...] = tuple(COOP_DATASETS)
 def dataset_spec(name: str) -> CoopDatasetSpec:
     """The spec of a CoOp dataset by its config stem, with the valid names in the error when it is unknown."""
     if name not in COOP_DATASETS:
-        raise ValueError(f"Unknown CoOp dataset {name!r}; the valid names are: {', '.join(DATASET_NAMES)}.")
+        raise UserInputError(f"Unknown CoOp dataset {name!r}; the valid names are: {', '.join(DATASET_NAMES)}.")
     return COOP_DATASETS[name]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..utils.errors import MissingInputError
 from .catalog import dataset_spec
 from .coop_readers import load_coop_dataset, missing_images
 
@@ -112,7 +113,7 @@ def require_data(
     checks = check_data(data_root, datasets, skip_missing_images)
     not_ready = [check for check in checks if not check.ok]
     if not_ready:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"The data under {os.fspath(data_root)} is not ready for this benchmark "
             f"({len(not_ready)} of {len(checks)} datasets); nothing was run:\n"
             + "\n".join(check.summary() for check in not_ready)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image
 
-from ..utils.write_policy import read_json
+from ..utils.errors import MissingInputError, UserInputError
+from ..utils.write_policy import atomic_write_bytes, read_json
 from .cache_dir import default_cache_dir
 from .catalog import CLASSNAMES_FILE, CoopDatasetSpec, dataset_spec
 
@@ -49,7 +50,7 @@ def load_coop_dataset(name: str, data_root: str | os.PathLike, skip_missing_imag
     }
     listed = sorted({path for paths in missing.values() for path in paths})
     if listed and not skip_missing_images:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{len(listed)} image(s) listed by the {name} dataset under {dataset_dir} do not exist (CoOp asserts "
             "that every listed image exists; re-download the dataset as in CoOp's DATASETS.md, or pass "
             "--skip_missing_images to leave them out and count them):\n" + "\n".join(listed)
@@ -105,7 +106,7 @@ def label_names(class_names: list[str]) -> list[str]:
         counts[name] = counts.get(name, 0) + 1
         distinct.append(name if counts[name] == 1 else f"{name} ({counts[name]})")
     if len(set(distinct)) != len(distinct):
-        raise ValueError(
+        raise UserInputError(
             f"The class names {sorted(n for n in distinct if distinct.count(n) > 1)[:5]} cannot be told apart: a "
             "repeated name's second copy collides with a class already named like it."
         )
@@ -118,7 +119,7 @@ def _check_layout(spec: CoopDatasetSpec, dataset_dir: str) -> None:
     described = ", ".join(expected[:-1]) + " and " + expected[-1]
     for entry, path in (("/", dataset_dir + os.sep), *zip(spec.layout, expected)):
         if not (os.path.isdir(path) if entry.endswith("/") else os.path.isfile(path)):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path} does not exist: the {spec.name} dataset expects {described}, as in CoOp's DATASETS.md."
             )
 
@@ -136,19 +137,21 @@ def _read_split_file(spec: CoopDatasetSpec, dataset_dir: str) -> tuple[list[str]
     rows = {split: content.get(split) if isinstance(content, dict) else None for split in spec.splits}
     for split, split_rows in rows.items():
         if not isinstance(split_rows, list) or not all(map(_is_split_row, split_rows)):
-            raise ValueError(
+            raise UserInputError(
                 f"{split_path}: {split!r} must be a list of [image path, label, class name] rows, as CoOp writes them."
             )
     names_by_label: dict[int, str] = {}
     for _, label, class_name in rows["train"]:
         if names_by_label.setdefault(label, class_name) != class_name:
-            raise ValueError(f"{split_path}: label {label} is named both {names_by_label[label]!r} and {class_name!r}.")
+            raise UserInputError(
+                f"{split_path}: label {label} is named both {names_by_label[label]!r} and {class_name!r}."
+            )
     if sorted(names_by_label) != list(range(len(names_by_label))):
-        raise ValueError(f"{split_path}: the train labels are not 0..{len(names_by_label) - 1}.")
+        raise UserInputError(f"{split_path}: the train labels are not 0..{len(names_by_label) - 1}.")
     for split, split_rows in rows.items():
         for path, label, class_name in split_rows:
             if names_by_label.get(label) != class_name:
-                raise ValueError(
+                raise UserInputError(
                     f"{split_path}: {split} row {path!r} has label {label} named {class_name!r}, which does not match "
                     "the train rows."
                 )
@@ -176,7 +179,7 @@ def _read_fgvc_aircraft(spec: CoopDatasetSpec, dataset_dir: str) -> tuple[list[s
     class_names = _read_lines(variants_path)
     repeated = sorted({name for name in class_names if class_names.count(name) > 1})
     if repeated:  # images are labelled by variant name here, so a repeated name maps its images to two labels
-        raise ValueError(f"{variants_path} lists the variants {repeated[:5]} twice; each must be listed once.")
+        raise UserInputError(f"{variants_path} lists the variants {repeated[:5]} twice; each must be listed once.")
     label_of = {class_name: label for label, class_name in enumerate(class_names)}
     splits: dict[str, SplitRows] = {}
     for split in spec.splits:
@@ -185,7 +188,7 @@ def _read_fgvc_aircraft(spec: CoopDatasetSpec, dataset_dir: str) -> tuple[list[s
         for line in _read_lines(list_path):
             image_id, _, variant = line.partition(" ")
             if variant not in label_of:
-                raise ValueError(f"{list_path}: variant {variant!r} of image {image_id} is not in {variants_path}.")
+                raise UserInputError(f"{list_path}: variant {variant!r} of image {image_id} is not in {variants_path}.")
             paths.append(os.path.join(dataset_dir, spec.image_dir, f"{image_id}.jpg"))
             labels.append(label_of[variant])
         splits[split] = (paths, labels)
@@ -203,7 +206,7 @@ def _read_imagenet(spec: CoopDatasetSpec, dataset_dir: str) -> tuple[list[str], 
     train_dir, val_dir = (os.path.join(dataset_dir, spec.image_dir, split) for split in ("train", "val"))
     folders = _class_folders(train_dir)
     if _class_folders(val_dir) != folders:
-        raise ValueError(
+        raise UserInputError(
             f"{val_dir} and {train_dir} must hold the same <wnid> class folders: CoOp labels each by its sorted "
             "position."
         )
@@ -223,7 +226,7 @@ def _read_imagenetv2(spec: CoopDatasetSpec, dataset_dir: str) -> tuple[list[str]
     folders = [str(label) for label in range(len(class_names))]
     for folder in folders:
         if not os.path.isdir(os.path.join(image_dir, folder)):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{os.path.join(image_dir, folder)} does not exist: CoOp reads ImageNetV2 as one folder per label "
                 f"0..{len(folders) - 1} under {image_dir}."
             )
@@ -260,7 +263,7 @@ def _read_classnames(path: str) -> dict[str, str]:
     for line in _read_lines(path):
         wnid, _, class_name = line.partition(" ")
         if names_by_wnid.setdefault(wnid, class_name) != class_name or not class_name:
-            raise ValueError(f"{path} names the class folder {wnid} twice or not at all; give one line per wnid.")
+            raise UserInputError(f"{path} names the class folder {wnid} twice or not at all; give one line per wnid.")
     return names_by_wnid
 
 
@@ -268,14 +271,14 @@ def _class_folders(path: str) -> list[str]:
     """Sorted non-hidden subfolders: CoOp's label order (files such as ImageNet-A's README.txt are not classes)."""
     folders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
     if not folders:
-        raise FileNotFoundError(f"{path} has no class folders; CoOp expects one <wnid>/ folder of images per class.")
+        raise MissingInputError(f"{path} has no class folders; CoOp expects one <wnid>/ folder of images per class.")
     return folders
 
 
 def _names_of(folders: list[str], names_by_wnid: dict[str, str], classnames_path: str) -> list[str]:
     missing = [folder for folder in folders if folder not in names_by_wnid]
     if missing:
-        raise ValueError(f"Class folders {missing[:5]} are not listed in {classnames_path}.")
+        raise UserInputError(f"Class folders {missing[:5]} are not listed in {classnames_path}.")
     return [names_by_wnid[folder] for folder in folders]
 
 
@@ -310,9 +313,6 @@ def _list_files(folder_path: str) -> list[str]:
 def _write_quietly(path: Path, text: str) -> None:
     """Write atomically; a cache that cannot be written (read-only home) only costs the next run a listing."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(text)
-        os.replace(temporary, path)
+        atomic_write_bytes(path, text.encode("utf-8"), durable=False)
     except OSError:
         pass

@@ -7,11 +7,13 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Literal
 
 from datasets import ClassLabel, Dataset, DatasetDict
 
+from ..utils.errors import UserInputError
 from ..utils.write_policy import atomic_write_bytes, read_json
 from .catalog import COOP_DATASETS, MAX_VAL_SHOTS, CoopDatasetSpec, dataset_spec
 from .coop_readers import prompt_class_names, with_prompt_class_names
@@ -32,9 +34,11 @@ def coop_few_shot_split(dataset_dict: DatasetDict, shots: int, seed: int) -> dic
     subsampled.
     """
     if shots < 1:
-        raise ValueError(f"shots must be at least 1, got {shots}; use the whole dataset instead of a few-shot split.")
+        raise UserInputError(
+            f"shots must be at least 1, got {shots}; use the whole dataset instead of a few-shot split."
+        )
     if "train" not in dataset_dict:
-        raise ValueError(f"A few-shot split needs a 'train' split; this dataset only has {list(dataset_dict)}.")
+        raise UserInputError(f"A few-shot split needs a 'train' split; this dataset only has {list(dataset_dict)}.")
     rng = random.Random(seed)
     indices = {"train": _dassl_draw(dataset_dict["train"], shots, rng)}
     if "val" in dataset_dict and not _is_test_set(dataset_dict, "val"):
@@ -54,8 +58,8 @@ def _is_test_set(dataset_dict: DatasetDict, split: str) -> bool:
     return dataset_dict[split].with_format("arrow")["image"].equals(dataset_dict["test"].with_format("arrow")["image"])
 
 
-def _labels(dataset: Dataset) -> list[int]:
-    return dataset.with_format("arrow")["label"].to_pylist()
+def _labels(dataset: Dataset, label_column: str = "label") -> list[int]:
+    return dataset.with_format("arrow")[label_column].to_pylist()
 
 
 def _image_paths(dataset: Dataset) -> list[str | None]:
@@ -66,7 +70,9 @@ def apply_split(dataset_dict: DatasetDict, indices: dict[str, list[int]]) -> Dat
     """The rows `indices` names of each split it names (in that order); other splits, such as "test", untouched."""
     unknown = sorted(set(indices) - set(dataset_dict))
     if unknown:
-        raise ValueError(f"The split names {unknown} are not in this dataset, whose splits are {list(dataset_dict)}.")
+        raise UserInputError(
+            f"The split names {unknown} are not in this dataset, whose splits are {list(dataset_dict)}."
+        )
     return DatasetDict(
         {
             split: dataset.select(indices[split]) if split in indices else dataset
@@ -85,7 +91,7 @@ def save_split_file(
     """
     name = _coop_name(dataset_dict)
     if provenance.setdefault("dataset", name) != name:
-        raise ValueError(f"provenance names dataset {provenance['dataset']!r} but the splits are from {name!r}.")
+        raise UserInputError(f"provenance names dataset {provenance['dataset']!r} but the splits are from {name!r}.")
     spec = dataset_spec(name)
     chosen = apply_split(dataset_dict, indices)
     splits = {}
@@ -113,19 +119,19 @@ def load_split_file(
         and isinstance(content.get("provenance"), dict)
         and isinstance(content.get("splits"), dict)
     ):
-        raise ValueError(f"{path} is not a few-shot split file written by save_split_file ({SPLIT_FILE_FORMAT}).")
+        raise UserInputError(f"{path} is not a few-shot split file written by save_split_file ({SPLIT_FILE_FORMAT}).")
     name = _coop_name(dataset_dict)
     if content["provenance"].get("dataset") != name:
-        raise ValueError(f"{path} is a split of {content['provenance'].get('dataset')!r}, not of {name!r}.")
+        raise UserInputError(f"{path} is a split of {content['provenance'].get('dataset')!r}, not of {name!r}.")
     spec = dataset_spec(name)
     indices = {}
     for split, rows in content["splits"].items():
         if split not in dataset_dict:
-            raise ValueError(f"{path} lists a {split!r} split, which the {name} dataset does not have.")
+            raise UserInputError(f"{path} lists a {split!r} split, which the {name} dataset does not have.")
         if not isinstance(rows, list) or not all(
             isinstance(row, list) and len(row) == 2 and isinstance(row[0], str) and type(row[1]) is int for row in rows
         ):
-            raise ValueError(f"{path}: {split!r} must be a list of [image path, label] rows.")
+            raise UserInputError(f"{path}: {split!r} must be a list of [image path, label] rows.")
         _check_rows(path, split, rows)
         dataset = dataset_dict[split]
         row_of: dict[str, int] = {}
@@ -135,16 +141,16 @@ def load_split_file(
         indices[split] = []
         for image_path, label in rows:
             if image_path not in row_of:
-                raise ValueError(f"{path} lists {split} image {image_path!r}, which is not in this {name} dataset.")
+                raise UserInputError(f"{path} lists {split} image {image_path!r}, which is not in this {name} dataset.")
             row = row_of[image_path]
             if labels[row] != label:
-                raise ValueError(
+                raise UserInputError(
                     f"{path} gives {split} image {image_path!r} label {label}, but this {name} dataset gives it "
                     f"{labels[row]}."
                 )
             indices[split].append(row)
     if "train" not in indices:
-        raise ValueError(f"{path} has no 'train' list; write it with save_split_file (a run's splits/*.json).")
+        raise UserInputError(f"{path} has no 'train' list; write it with save_split_file (a run's splits/*.json).")
     _check_shots(path, _labels(dataset_dict["train"]), [label for _, label in content["splits"]["train"]], shots)
     return indices
 
@@ -152,17 +158,17 @@ def load_split_file(
 def _check_rows(path: str | os.PathLike, split: str, rows: list[list]) -> None:
     """A split file's list: not empty, no image twice, every path relative and inside the dataset folder."""
     if not rows:
-        raise ValueError(f"{path}: the {split!r} list is empty; a split file lists at least one image per class.")
+        raise UserInputError(f"{path}: the {split!r} list is empty; a split file lists at least one image per class.")
     seen: set[str] = set()
     for image_path, _ in rows:
         parts = PurePosixPath(image_path).parts
         if not parts or image_path.startswith(("/", "\\")) or ".." in parts or os.path.isabs(image_path):
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: {split} image {image_path!r} is not a path inside the dataset folder (relative, no '..'); "
                 "use a split file written by save_split_file."
             )
         if image_path in seen:
-            raise ValueError(f"{path}: {split} image {image_path!r} is listed twice; each image is listed once.")
+            raise UserInputError(f"{path}: {split} image {image_path!r} is listed twice; each image is listed once.")
         seen.add(image_path)
 
 
@@ -174,7 +180,7 @@ def _check_shots(path: str | os.PathLike, dataset_labels: list[int], labels: lis
         expected = min(shots, available[label]) if shots else None
         if listed[label] == 0 or (expected is not None and listed[label] != expected):
             wanted = f"--shots {shots}" if shots else "at least one"
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: class {label} has {listed[label]} training images in the file, not {wanted}; use the split "
                 "file of a run with these --shots (its splits/*.json), or draw the split again without --split_file."
             )
@@ -184,7 +190,7 @@ def _coop_name(dataset_dict: DatasetDict) -> str:
     """The CoOp name `load_coop_dataset` records in each split's info (needed to place paths in the dataset folder)."""
     names = {dataset.info.dataset_name for dataset in dataset_dict.values()}
     if len(names) != 1 or not names <= set(COOP_DATASETS):
-        raise ValueError(
+        raise UserInputError(
             f"Expected a DatasetDict from load_coop_dataset; its splits are from {sorted(map(str, names))}."
         )
     return names.pop()
@@ -195,37 +201,63 @@ def _relative_path(image_path: str | None, spec: CoopDatasetSpec) -> str:
     marker = os.sep + os.path.join(spec.directory, spec.image_dir).rstrip(os.sep) + os.sep
     if image_path is not None and (start := image_path.rfind(marker)) >= 0:
         return image_path[start + len(os.sep) + len(spec.directory) + len(os.sep) :].replace(os.sep, "/")
-    raise ValueError(f"Image {image_path!r} is not inside a {marker!r} folder of the {spec.name} dataset.")
+    raise UserInputError(f"Image {image_path!r} is not inside a {marker!r} folder of the {spec.name} dataset.")
+
+
+def base_new_labels(
+    class_names: Sequence[str], base: Sequence[str] | None = None, new: Sequence[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """CoCoOp's base/new rule, the one both training (`subsample_classes`) and evaluation use: the labels of the
+    first ceil(n/2) classes are "base", the rest "new", unless classes are named (a repeated name, which CLIP's
+    ImageNet list has, names all its classes). Naming only one side makes the other the remaining classes."""
+    labels = list(range(len(class_names)))
+    if base is None and new is None:
+        half = math.ceil(len(class_names) / 2)
+        return labels[:half], labels[half:]
+    unknown = [name for name in [*(base or []), *(new or [])] if name not in class_names]
+    if unknown:
+        raise UserInputError(f"Class {unknown[0]!r} is not in the dataset's classes {list(class_names)}.")
+    if base:
+        base_labels = [label for label in labels if class_names[label] in base]
+    else:
+        base_labels = [label for label in labels if class_names[label] not in (new or [])]
+    if new:
+        return base_labels, [label for label in labels if class_names[label] in new]
+    return base_labels, [label for label in labels if label not in base_labels]
 
 
 def subsample_classes(dataset_dict: DatasetDict, which: Subsample) -> DatasetDict:
-    """CoCoOp's base-to-new split of every split: the first ceil(n/2) labels are "base", the rest "new".
-
-    "new" classes are relabelled from 0 and each ClassLabel keeps only the chosen names; "all" returns the dataset
-    unchanged. n is the ClassLabel's size; CoOp counts the labels present in train, the same for its 11 datasets.
-    """
+    """CoCoOp's base-to-new split of every split (`base_new_labels`): "base" or "new" keeps that half of the classes,
+    relabelled from 0 (`keep_classes`); "all" returns the dataset unchanged. n is the ClassLabel's size; CoOp counts
+    the labels present in train, the same for its 11 datasets."""
     if which not in ("all", "base", "new"):
-        raise ValueError(f"which must be 'all', 'base' or 'new', got {which!r}.")
+        raise UserInputError(f"which must be 'all', 'base' or 'new', got {which!r}.")
     if which == "all":
         return dataset_dict
     names = {tuple(dataset.features["label"].names) for dataset in dataset_dict.values()}
     if len(names) != 1:
-        raise ValueError("The splits have different class names; subsample_classes needs one ClassLabel for all.")
-    class_names = list(names.pop())
-    half = math.ceil(len(class_names) / 2)
-    first, stop = (0, half) if which == "base" else (half, len(class_names))
-    return DatasetDict({split: _keep_labels(dataset, first, stop) for split, dataset in dataset_dict.items()})
+        raise UserInputError("The splits have different class names; subsample_classes needs one ClassLabel for all.")
+    base, new = base_new_labels(names.pop())
+    kept = base if which == "base" else new
+    return DatasetDict({split: keep_classes(dataset, kept) for split, dataset in dataset_dict.items()})
 
 
-def _keep_labels(dataset: Dataset, first: int, stop: int) -> Dataset:
-    """The rows with labels first..stop-1, relabelled from 0, with the same info and a ClassLabel of those names."""
-    labels = _labels(dataset)
-    rows = [row for row, label in enumerate(labels) if first <= label < stop]
-    table = dataset.select(rows).with_format("arrow")[:]
+def keep_classes(dataset: Dataset, labels: Sequence[int], label_column: str = "label") -> Dataset:
+    """The rows whose label is in `labels`, relabelled to its position there, with the same info and split; a
+    ClassLabel keeps only those names, and a CoOp dataset's record its names to prompt with, in step."""
+    position = {label: index for index, label in enumerate(labels)}
+    rows = [row for row, label in enumerate(_labels(dataset, label_column)) if label in position]
     features = dataset.features.copy()
-    features["label"] = ClassLabel(names=dataset.features["label"].names[first:stop])
-    info = with_prompt_class_names(dataset.info.copy(), prompt_class_names(dataset)[first:stop])
-    info.features = features
-    columns = {column: table[column] for column in table.column_names}
-    columns["label"] = [labels[row] - first for row in rows]
-    return Dataset.from_dict(columns, info=info, split=dataset.split)
+    label_feature = features[label_column]
+    if isinstance(label_feature, ClassLabel):
+        features[label_column] = ClassLabel(names=[label_feature.names[label] for label in labels])
+    kept = dataset.select(rows).map(
+        lambda batch: {label_column: [position[label] for label in batch]},
+        input_columns=label_column,
+        batched=True,
+        features=features,
+    )
+    if isinstance(label_feature, ClassLabel):
+        prompts = prompt_class_names(dataset, label_column)
+        with_prompt_class_names(kept.info, [prompts[label] for label in labels])  # the copy `map` made
+    return kept

@@ -11,7 +11,8 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from PIL import Image as PILImage
 
-from ..utils.write_policy import UserInputError
+from ..utils.errors import MissingInputError, UserInputError
+from ..utils.seeding import seed_for
 from .batching import undecoded, with_index
 from .catalog import COOP_DATASETS, MAX_VAL_SHOTS
 from .coop_readers import load_coop_dataset, prompt_class_names
@@ -28,20 +29,26 @@ def load_image_dataset(name_or_path: str, seed: int = 0, data_root: str | None =
     generated toy task such as `"toy-position"`."""
     if name_or_path in COOP_DATASETS:
         if not data_root:
-            raise ValueError(
+            raise UserInputError(
                 f"--dataset {name_or_path} is a CoOp benchmark dataset: pass --data_root, the folder that holds "
                 f"{COOP_DATASETS[name_or_path].directory}/ as laid out in CoOp's DATASETS.md."
             )
         return load_coop_dataset(name_or_path, data_root)
     if name_or_path.startswith(TOY_PREFIX):
-        from ..toy.tasks import toy_dataset
+        from ..toy.tasks import ATTRIBUTES, toy_dataset
 
-        return toy_dataset(name_or_path[len(TOY_PREFIX) :], seed=seed)
+        attribute = name_or_path[len(TOY_PREFIX) :]
+        if attribute not in ATTRIBUTES:
+            raise UserInputError(
+                f"--dataset {name_or_path} is not a toy task; choose one of "
+                f"{', '.join(TOY_PREFIX + name for name in sorted(ATTRIBUTES))}."
+            )
+        return toy_dataset(attribute, seed=seed)
     if os.path.isdir(name_or_path):
         return _load_imagefolder(name_or_path)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:  # a Hub id is "name" or "owner/name"
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--dataset {name_or_path!r} does not exist; give an existing image folder (one subfolder per class) or "
             "a Hub dataset name."
         )
@@ -61,7 +68,7 @@ def _load_imagefolder(path: str) -> DatasetDict:
     label = first.features.get("label")
     if not isinstance(label, ClassLabel) or len(label.names) < 2:
         found = f"only the class {label.names[0]!r}" if isinstance(label, ClassLabel) else "no class subfolders"
-        raise ValueError(
+        raise UserInputError(
             f"--dataset {path} is an image folder with {found}; classification needs one subfolder per class and at "
             f"least two of them ({path}/cat/1.jpg, {path}/dog/2.jpg, ...)."
         )
@@ -105,10 +112,10 @@ def load_checked_split(
     dataset = name_or_path if given else load_image_dataset(name_or_path, seed=seed, data_root=data_root)
     if subsample != "all":
         if label_column != "label" or not isinstance(next(iter(dataset.values())).features.get("label"), ClassLabel):
-            raise ValueError("--subsample_classes needs a ClassLabel column named 'label' (--label_column label).")
+            raise UserInputError("--subsample_classes needs a ClassLabel column named 'label' (--label_column label).")
         dataset = subsample_classes(dataset, subsample)
     if split not in dataset:
-        raise ValueError(f"The dataset has no split {split!r}; its splits are {list(dataset)} ({split_flag}).")
+        raise UserInputError(f"The dataset has no split {split!r}; its splits are {list(dataset)} ({split_flag}).")
     chosen = dataset[split]
     check_columns(chosen, image_column, label_column)
     class_names = class_names_of(chosen, label_column, class_names_file)
@@ -119,7 +126,7 @@ def load_checked_split(
 def check_columns(dataset: Dataset, image_column: str, label_column: str) -> None:
     for flag, column in (("--image_column", image_column), ("--label_column", label_column)):
         if column not in dataset.column_names:
-            raise ValueError(
+            raise UserInputError(
                 f"The dataset has no column {column!r}; its columns are {dataset.column_names}. Pass the right "
                 f"name with {flag}."
             )
@@ -149,7 +156,7 @@ def class_names_of(dataset: Dataset, label_column: str, class_names_file: str | 
     feature = dataset.features[label_column]
     if isinstance(feature, ClassLabel):  # a CoOp dataset's own list, repeats included ("missile" twice in ImageNet)
         return prompt_class_names(dataset, label_column)
-    raise ValueError(
+    raise UserInputError(
         f"Column {label_column!r} is not a ClassLabel, so it names no classes; pass --class_names_file with one "
         "class name per line."
     )
@@ -159,7 +166,7 @@ def check_labels(dataset: Dataset, label_column: str, class_names: list[str]) ->
     labels = np.asarray(dataset[label_column])
     bad = labels[(labels < 0) | (labels >= len(class_names))]
     if bad.size:
-        raise ValueError(
+        raise UserInputError(
             f"Label {int(bad[0])} in column {label_column!r} is outside the {len(class_names)} class names "
             f"(0..{len(class_names) - 1}); fix the labels or the class names."
         )
@@ -183,7 +190,7 @@ def load_task(spec: DataSpec, name: str) -> FewShotData:
     if name in COOP_DATASETS:
         return load_benchmark_task(spec, name)
     if spec.split_file:
-        raise ValueError(
+        raise UserInputError(
             f"--split_file applies to the CoOp benchmark datasets ({', '.join(COOP_DATASETS)}), not {name!r}."
         )
     dataset, pool, class_names = load_checked_split(
@@ -200,7 +207,8 @@ def load_task(spec: DataSpec, name: str) -> FewShotData:
     val = None
     if spec.eval_every:  # a few-shot validation set as CoOp's (min(K, 4) per class), never from the test images
         val_shots = min(spec.shots, MAX_VAL_SHOTS)
-        val, rest = draw_shots(rest, spec.label_column, class_names, val_shots, spec.seed + 1, spec.image_column)
+        val_seed = seed_for(spec.seed, "validation_shots")
+        val, rest = draw_shots(rest, spec.label_column, class_names, val_shots, val_seed, spec.image_column)
         val = undecoded(val, spec.image_column)
     test = dataset[spec.test_split] if spec.test_split and spec.test_split in dataset else rest
     check_columns(test, spec.image_column, spec.label_column)
@@ -216,7 +224,7 @@ def load_benchmark_task(spec: DataSpec, name: str) -> FewShotData:
     if spec.split_file:
         indices = load_split_file(spec.split_file, dataset, spec.shots)
     else:
-        indices = coop_few_shot_split(dataset, spec.shots, spec.seed)
+        indices = coop_few_shot_split(dataset, spec.shots, spec.seed)  # CoOp's draw with CoOp's seed: CoOp's images
         train = dataset["train"]
         names = train.features["label"].names
         indices["train"] = replace_unreadable_shots(train, indices["train"], "label", "image", names, spec.seed)
@@ -237,5 +245,5 @@ def load_tasks(spec: DataSpec) -> dict[str, FewShotData]:
     """Every task of the run, keyed by its dataset name."""
     names = list(spec.datasets)
     if len(set(names)) != len(names):
-        raise ValueError(f"--tasks lists a dataset twice: {names}; give each task once.")
+        raise UserInputError(f"--tasks lists a dataset twice: {names}; give each task once.")
     return {name: load_task(spec, name) for name in names}

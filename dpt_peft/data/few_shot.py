@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 from datasets import Dataset
 
+from ..utils.errors import UserInputError
 from .batching import undecoded
 from .images import UNREADABLE_IMAGE_ERRORS, decode_image_value
 
@@ -47,7 +48,7 @@ def few_shot_split(
             picked = rng.sample(rows, shots) if isinstance(rng, random.Random) else rng.choice(rows, shots, False)
             chosen.extend(int(row) for row in picked)
         elif short_classes == "error":
-            raise ValueError(
+            raise UserInputError(
                 f"Class {class_names[label]!r} has {len(rows)} images, fewer than --shots {shots}; lower --shots or "
                 "add images."
             )
@@ -96,7 +97,7 @@ def replace_unreadable_shots(
                 others = [int(i) for i in np.flatnonzero(labels == label) if i not in taken]
                 spares[label] = np.random.default_rng([seed, label]).permutation(others).tolist()
             if not spares[label]:
-                raise ValueError(
+                raise UserInputError(
                     f"Class {class_names[label]!r} has too few readable images for the few-shot set (unreadable ones "
                     "are logged above); lower --shots, or fix or add images of that class."
                 )

@@ -1,5 +1,6 @@
-"""DataLoaders of a run: parallel decoding settings, the training loader that yields augmented
-`{"pixel_values", "labels"}` batches for the epoch it is set to, and the task schedule of multitask epochs."""
+"""The loaders a run iterates: parallel decoding settings, the training loader that yields augmented
+`{"pixel_values", "labels"}` batches for the epoch it is set to, the evaluation loader whose batches are
+`{"pixel_values", "labels"}` only, and the task schedule of multitask epochs. `run_loaders.build_loaders` makes them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from .augmentation import DeviceAugmenter
-from .batching import ImageBatcher
+from .batching import ImageBatcher, SkipCounter
 
 
 def default_num_workers(local_processes: int = 1) -> int:
@@ -45,12 +46,20 @@ def loader_kwargs(
 class TrainLoader:
     """A task's training batches, `{"pixel_values", "labels"}` whichever way the images come: decoded by the
     batcher (which crops them) or as cached uint8 squares that `augmenter` crops on the device. `set_epoch` is how
-    the epoch reaches the crops on both paths; a batch without any readable image stays None."""
+    the epoch reaches the crops on both paths; a batch without any readable image stays None (a step the loop skips).
+    The unreadable images a `ReportingImageBatcher` reports are counted in `skips`."""
 
-    def __init__(self, loader: Iterable, batcher: ImageBatcher | None = None, augmenter: DeviceAugmenter | None = None):
+    def __init__(
+        self,
+        loader: Iterable,
+        batcher: ImageBatcher | None = None,
+        augmenter: DeviceAugmenter | None = None,
+        skips: SkipCounter | None = None,
+    ):
         if (batcher is None) == (augmenter is None):
             raise ValueError("A training loader augments either in its batcher or with a device augmenter.")
         self.loader, self.batcher, self.augmenter = loader, batcher, augmenter
+        self.skips = SkipCounter() if skips is None else skips
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -63,10 +72,29 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict | None]:
         for batch in self.loader:
-            if batch is not None and self.augmenter is not None:
+            if self.augmenter is None:
+                yield self.skips.take(batch)
+            else:
                 pixel_values = self.augmenter(batch["images"], self.epoch, batch["indices"])
-                batch = {"pixel_values": pixel_values, "labels": batch["labels"]}
-            yield batch
+                yield {"pixel_values": pixel_values, "labels": batch["labels"]}
+
+
+class EvalLoader:
+    """A held-out split's batches, each exactly `{"pixel_values", "labels"}`: the unreadable images its batcher
+    reports (`ReportingImageBatcher`, in DataLoader workers or not) are counted in `skips`, and a batch left without
+    any readable image is not yielded."""
+
+    def __init__(self, loader: Iterable, skips: SkipCounter):
+        self.loader, self.skips = loader, skips
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            batch = self.skips.take(batch)
+            if batch is not None:
+                yield batch
 
 
 def task_schedule(loaders: dict, sampling: str, generator: torch.Generator) -> list[str]:

@@ -14,13 +14,16 @@ Transfer targets are scored with their own zero-shot template, as DPT builds its
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from datasets import Dataset
 
 from ..data.catalog import COOP_DATASETS, DOMAIN_GENERALIZATION_TARGETS, FEW_SHOT_DATASETS, dataset_spec
 from ..data.check import require_data
 from ..data.coop_readers import load_coop_dataset, missing_images, prompt_class_names
-from ..training.evaluation import evaluate_adapter
+from ..training.evaluation import EvaluationSpec, evaluate_adapter
+from ..utils.errors import UserInputError
 from .benchmark_report import aggregate, check_report_target, write_report
 from .grid import GridRun, read_result, run_grid
 
@@ -29,7 +32,15 @@ SOURCE_DATASET = "imagenet"  # the source of the two transfer protocols
 CROSS_DATASET_TARGETS = tuple(name for name in FEW_SHOT_DATASETS if name != SOURCE_DATASET)
 RESULT_FILE = "result.json"
 EVAL_FILE = "eval_metrics.json"
-__all__ = ["FEW_SHOT_DATASETS", "DOMAIN_GENERALIZATION_TARGETS", "aggregate", "benchmark", "plan", "write_report"]
+__all__ = [
+    "DOMAIN_GENERALIZATION_TARGETS",
+    "FEW_SHOT_DATASETS",
+    "GridSpec",
+    "aggregate",
+    "benchmark",
+    "plan",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -51,10 +62,12 @@ def plan(protocol: str, datasets: list[str], shots: list[int], seeds: list[int],
     """The runs of a protocol. Transfer protocols train on ImageNet with the largest `shots` (16 in the paper),
     and so does base-to-new."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol {protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}.")
+        raise UserInputError(f"--protocol {protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}.")
     unknown = [name for name in datasets if name not in COOP_DATASETS]
     if unknown:
-        raise ValueError(f"--datasets: {unknown[0]!r} is not a CoOp dataset; choose from {', '.join(COOP_DATASETS)}.")
+        raise UserInputError(
+            f"--datasets: {unknown[0]!r} is not a CoOp dataset; choose from {', '.join(COOP_DATASETS)}."
+        )
     if protocol == "few_shot":
         return [
             RunSpec(protocol, dataset, method, k, seed)
@@ -74,74 +87,89 @@ def targets(protocol: str, datasets: list[str]) -> list[str]:
     return [d for d in datasets if d in DOMAIN_GENERALIZATION_TARGETS] or list(DOMAIN_GENERALIZATION_TARGETS)
 
 
-def run_protocol(
-    protocol: str,
-    data_root: str,
-    output_dir: str,
-    datasets: list[str],
-    shots: list[int],
-    seeds: list[int],
-    methods: list[str],
-    model_name_or_path: str | None = None,
-    options: dict | None = None,
-    config_options: dict | None = None,
-    skip_missing_images: bool = False,
-) -> list[dict]:
-    """Check the data, then run (or skip, when finished) every run of the protocol; returns their results.
-    `options` (TrainArguments values) and `config_options` (DPTConfig values) apply to every run; a
-    `zero_shot_template` among them also replaces each transfer target's own template. With `skip_missing_images`,
-    images a split lists but the disk lacks are left out and counted in every report instead of failing the check."""
-    evaluation_targets = targets(protocol, datasets) if protocol in PROTOCOLS[2:] else []
-    specs = plan(protocol, datasets if protocol != "domain_generalization" else [SOURCE_DATASET], shots, seeds, methods)
-    # --skip_missing_images given as a training flag applies to the data check and the evaluations too
-    skip_missing_images = skip_missing_images or bool((options or {}).get("skip_missing_images"))
+@dataclass(frozen=True)
+class GridSpec:
+    """A benchmark grid (`dpt-peft benchmark`): a protocol over datasets x shots x seeds x methods. `options`
+    (TrainArguments values) and `config_options` (DPTConfig values) apply to every run; a `zero_shot_template` among
+    them also replaces each transfer target's own template, and `skip_missing_images` among them makes the data check
+    and the evaluations count, not refuse, the images a split lists but the disk lacks."""
+
+    protocol: str
+    data_root: str
+    output_dir: str
+    datasets: list[str]
+    shots: list[int]
+    seeds: list[int]
+    methods: list[str]
+    model_name_or_path: str | None = None
+    options: dict = field(default_factory=dict)
+    config_options: dict = field(default_factory=dict)
+
+    @property
+    def skip_missing_images(self) -> bool:
+        return bool(self.options.get("skip_missing_images"))
+
+    @property
+    def given_template(self) -> str | None:
+        return self.config_options.get("zero_shot_template")
+
+    def runs(self) -> list[RunSpec]:
+        """The training runs: on `datasets`, or on ImageNet for domain generalization (`datasets` are its targets)."""
+        sources = self.datasets if self.protocol != "domain_generalization" else [SOURCE_DATASET]
+        return plan(self.protocol, sources, self.shots, self.seeds, self.methods)
+
+    def evaluation_targets(self) -> list[str]:
+        """The datasets an ImageNet adapter of a transfer protocol is scored on (none for the other protocols)."""
+        return targets(self.protocol, self.datasets) if self.protocol in PROTOCOLS[2:] else []
+
+
+def run_protocol(grid: GridSpec) -> list[dict]:
+    """Check the data, then run (or skip, when finished) every run of the grid; returns their results."""
+    specs = grid.runs()
+    evaluation_targets = grid.evaluation_targets()
     needed = list(dict.fromkeys([spec.dataset for spec in specs] + evaluation_targets))
-    require_data(data_root, needed, skip_missing_images)
-    given_template = (config_options or {}).get("zero_shot_template")
-    runs = []
-    for spec in specs:
-        run_dir = Path(output_dir) / spec.relative_dir
-        fields = {
-            "dataset": spec.dataset,
-            "data_root": data_root,
-            "method": spec.method,
-            "shots": spec.shots,
-            "seed": spec.seed,
-            "output_dir": str(run_dir / "train"),
-            "report_to": "none",
-        }
-        if protocol == "base_to_new":
-            fields["subsample_classes"] = "base"
-        if model_name_or_path:
-            fields["model_name_or_path"] = model_name_or_path
-        label = str(spec.relative_dir)
-        runs.append(GridRun.make(label, fields, options or {}, config_options or {}, run_dir / RESULT_FILE))
+    require_data(grid.data_root, needed, grid.skip_missing_images)
+    runs = [_grid_run(grid, spec) for spec in specs]
     by_label = dict(zip((run.label for run in runs), specs))
 
     def finish(run: GridRun, metrics: dict) -> dict:
         spec = by_label[run.label]
-        evaluation = Evaluation(
-            spec, Path(run.args.output_dir), data_root, model_name_or_path, given_template, skip_missing_images
-        )
+        evaluation = Evaluation(spec, Path(run.args.output_dir), grid)
         return {**asdict(spec), **evaluation.result(metrics, evaluation_targets)}
 
     return run_grid(runs, finish)
 
 
+def _grid_run(grid: GridSpec, spec: RunSpec) -> GridRun:
+    """The training run of `spec`, in its own folder under the grid's."""
+    run_dir = Path(grid.output_dir) / spec.relative_dir
+    fields = {
+        "dataset": spec.dataset,
+        "data_root": grid.data_root,
+        "method": spec.method,
+        "shots": spec.shots,
+        "seed": spec.seed,
+        "output_dir": str(run_dir / "train"),
+        "report_to": "none",
+    }
+    if spec.protocol == "base_to_new":
+        fields["subsample_classes"] = "base"
+    if grid.model_name_or_path:
+        fields["model_name_or_path"] = grid.model_name_or_path
+    return GridRun.make(str(spec.relative_dir), fields, grid.options, grid.config_options, run_dir / RESULT_FILE)
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """The evaluations of one trained run: base-to-new on its own test set, or each transfer target."""
+    """The evaluations of one trained run of `grid`: base-to-new on its own test set, or each transfer target."""
 
     spec: RunSpec
     train_dir: Path
-    data_root: str
-    model: str | None
-    given_template: str | None
-    skip_missing_images: bool
+    grid: GridSpec
 
     def result(self, metrics: dict, evaluation_targets: list[str]) -> dict:
         """The run's numbers, with the images skipped as unreadable or missing from disk in all it scored."""
-        test = load_coop_dataset(self.spec.dataset, self.data_root, self.skip_missing_images)["test"]
+        test = self.test_split(self.spec.dataset)
         counts = {"skipped_images": metrics.get("skipped_images", 0), "missing_images": missing_images(test)}
         if self.spec.protocol == "few_shot":
             return {"accuracy": metrics["accuracy"], "zero_shot_accuracy": metrics["zero_shot_accuracy"], **counts}
@@ -163,61 +191,33 @@ class Evaluation:
                 result[key] += count
         return result
 
+    def test_split(self, dataset: str) -> Dataset:
+        return load_coop_dataset(dataset, self.grid.data_root, self.grid.skip_missing_images)["test"]
+
     def evaluate(self, dataset: str, out: Path, base_to_new: bool = False) -> dict:
         """`evaluate_adapter` on the dataset's test split, or its report read back when a killed grid wrote it."""
         written = read_result(out / EVAL_FILE)  # a damaged one is named, removed and redone
         if written is not None:
             return written
-        test = load_coop_dataset(dataset, self.data_root, self.skip_missing_images)["test"]
-        template = None if base_to_new else self.given_template or dataset_spec(dataset).template
-        adapter = str(self.train_dir / "adapter")
-        names = prompt_class_names(test)
-        return evaluate_adapter(
-            self.model,
-            adapter,
-            test,
-            names,
-            "image",
-            "label",
-            str(out),
+        test = self.test_split(dataset)
+        spec = EvaluationSpec(
+            adapter=str(self.train_dir / "adapter"),
+            split=test,
+            class_names=prompt_class_names(test),
+            model_name_or_path=self.grid.model_name_or_path,
             base_to_new=base_to_new,
-            zero_shot_template=template,
+            zero_shot_template=None if base_to_new else self.grid.given_template or dataset_spec(dataset).template,
         )
+        return evaluate_adapter(spec, str(out))
 
 
 def _counts(report: dict) -> dict[str, int]:
     return {"skipped_images": report.get("skipped_images", 0), "missing_images": report.get("missing_images", 0)}
 
 
-def benchmark(
-    protocol: str,
-    data_root: str,
-    output_dir: str,
-    datasets: list[str],
-    shots: list[int],
-    seeds: list[int],
-    methods: list[str],
-    model_name_or_path: str | None = None,
-    options: dict | None = None,
-    config_options: dict | None = None,
-    skip_missing_images: bool = False,
-    confidence_interval: bool = False,
-    overwrite_reports: bool = False,
-) -> Path:
+def benchmark(grid: GridSpec, *, confidence_interval: bool = False, overwrite_reports: bool = False) -> Path:
     """Run the grid, aggregate it as CoOp/CoCoOp do and write the report; returns the path of results.md.
     `overwrite_reports` (--overwrite_reports) replaces report files there that dpt_peft did not write."""
-    check_report_target(protocol, output_dir, overwrite_reports)  # before the first run, not after the last
-    results = run_protocol(
-        protocol,
-        data_root,
-        output_dir,
-        datasets,
-        shots,
-        seeds,
-        methods,
-        model_name_or_path,
-        options,
-        config_options,
-        skip_missing_images,
-    )
-    return write_report(protocol, aggregate(protocol, results), output_dir, confidence_interval)
+    check_report_target(grid.protocol, grid.output_dir, overwrite_reports)  # before the first run, not after the last
+    results = run_protocol(grid)
+    return write_report(grid.protocol, aggregate(grid.protocol, results), grid.output_dir, confidence_interval)

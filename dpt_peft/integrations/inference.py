@@ -19,6 +19,7 @@ from transformers import AutoImageProcessor
 
 from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
 from ..sources import resolve
+from ..utils.errors import MissingInputError, UserInputError
 
 logger = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
@@ -40,10 +41,10 @@ def expand_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ValueError(f"{path} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+                raise UserInputError(f"{path} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
             paths.extend(found)
         elif not path.exists():
-            raise FileNotFoundError(f"{path} does not exist.")
+            raise MissingInputError(f"{path} does not exist.")
         else:
             paths.append(path)
     return paths
@@ -53,7 +54,7 @@ def image_processor_for(model) -> object:
     """The base model's image processor, found from its `name_or_path`."""
     source = model.get_base_model().name_or_path
     if not source:
-        raise ValueError("The base model has no name_or_path; pass processor= (its image processor) explicitly.")
+        raise UserInputError("The base model has no name_or_path; pass processor= (its image processor) explicitly.")
     return AutoImageProcessor.from_pretrained(resolve(source))
 
 
@@ -69,7 +70,7 @@ def to_pixel_values(images: list, processor) -> torch.Tensor:
     if all(isinstance(image, torch.Tensor) for image in images):
         return torch.stack(images)
     if any(isinstance(image, torch.Tensor) for image in images):
-        raise ValueError("Pass either tensors (already preprocessed) or images/paths in one call, not both.")
+        raise UserInputError("Pass either tensors (already preprocessed) or images/paths in one call, not both.")
     return processor(images=images, return_tensors="pt")["pixel_values"]
 
 

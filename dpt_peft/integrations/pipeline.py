@@ -28,6 +28,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from ..class_names import display_names
 from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
 from ..peft_model import DPTPeftModel
+from ..utils.errors import DownloadError, DownloadTimeout, InputTypeError, MissingInputError, UserInputError
 from .auto import AutoDPTModel
 from .inference import image_processor_for
 
@@ -79,7 +80,7 @@ class DPTImageClassificationPipeline(Pipeline):
 
     def __init__(self, model: DPTPeftModel, image_processor: Any = None, **kwargs: Any) -> None:
         if not isinstance(model, DPTPeftModel):
-            raise TypeError(
+            raise InputTypeError(
                 f"The {TASK!r} pipeline needs a DPT adapter: a DPTPeftModel (get_peft_model, PeftModel.from_pretrained "
                 f"or AutoDPTModel.from_pretrained), an adapter directory or a Hub repo id; got {type(model).__name__}."
             )
@@ -88,7 +89,7 @@ class DPTImageClassificationPipeline(Pipeline):
             try:
                 image_processor = image_processor_for(model)
             except ValueError as err:
-                raise ValueError(f"{err} For the pipeline: pipeline(..., image_processor=...).") from err
+                raise UserInputError(f"{err} For the pipeline: pipeline(..., image_processor=...).") from err
         super().__init__(model=model, image_processor=image_processor, **kwargs)
         self.model.eval()
 
@@ -100,7 +101,7 @@ class DPTImageClassificationPipeline(Pipeline):
         package's relative imports): `import dpt_peft` registers the pipeline, as it registers DPT with PEFT.
         """
         if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory} is a file; save_pretrained writes into a directory.")
+            raise UserInputError(f"{save_directory} is a file; save_pretrained writes into a directory.")
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if self.image_processor is not None:
@@ -120,7 +121,7 @@ class DPTImageClassificationPipeline(Pipeline):
     ) -> tuple[dict, dict, dict]:
         unexpected = sorted(set(kwargs) - IGNORED_PIPELINE_ARGUMENTS)
         if unexpected:
-            raise TypeError(
+            raise InputTypeError(
                 f"Unexpected argument(s) {unexpected} for the {TASK!r} pipeline; it takes top_k, candidate_labels, "
                 "task, hypothesis_template, timeout, download_deadline and max_download_bytes."
             )
@@ -132,11 +133,11 @@ class DPTImageClassificationPipeline(Pipeline):
         ):
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ValueError(f"{name}={value!r} must be a positive number.")
+                    raise UserInputError(f"{name}={value!r} must be a positive number.")
                 preprocess[name] = value
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise ValueError(f"top_k={top_k!r} must be a positive whole number.")
+                raise UserInputError(f"top_k={top_k!r} must be a positive whole number.")
             postprocess["top_k"] = top_k
         if candidate_labels is not None:
             forward["candidate_labels"] = postprocess["candidate_labels"] = _checked_candidates(candidate_labels)
@@ -174,9 +175,9 @@ class DPTImageClassificationPipeline(Pipeline):
             logits = self.model(pixel_values=pixel_values, task=task).logits
         else:
             try:
-                self.model.base_model.label_space_for(list(candidate_labels))  # checked, named as the caller knows it
+                self.model.label_space_for(list(candidate_labels))  # checked, named as the caller knows it
             except ValueError as err:
-                raise ValueError(f"candidate_labels: {err}") from err
+                raise UserInputError(f"candidate_labels: {err}") from err
             logits = self.model(pixel_values=pixel_values, class_names=list(candidate_labels)).logits
         return {"logits": logits}
 
@@ -234,7 +235,7 @@ def read_image(
     if isinstance(source, (Image.Image, bytes)):
         return open_rgb(source)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
+        raise InputTypeError(
             f"Cannot read an image from {type(source).__name__}; pass a PIL image, a path, an http(s) URL or a "
             "preprocessed tensor [3, H, W]."
         )
@@ -250,10 +251,10 @@ def read_image(
         try:
             return open_rgb(text)
         except UNREADABLE_IMAGE_ERRORS as err:
-            raise ValueError(f"{text} is not a readable image ({err}).") from err
+            raise UserInputError(f"{text} is not a readable image ({err}).") from err
     if text.startswith("data:image/"):
         return open_rgb(load_image(text))
-    raise FileNotFoundError(f"{text} is not an image file, an http(s) URL or a data:image URI.")
+    raise MissingInputError(f"{text} is not an image file, an http(s) URL or a data:image URI.")
 
 
 def _download_image(url: str, timeout: float, deadline: float, max_bytes: int) -> Image.Image:
@@ -266,25 +267,25 @@ def _download_image(url: str, timeout: float, deadline: float, max_bytes: int) -
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > max_bytes:
-                    raise ValueError(
+                    raise UserInputError(
                         f"{url} sent more than {max_bytes} bytes, the download cap; pass max_download_bytes= to "
                         "allow more, or download the image yourself."
                     )
                 if time.monotonic() - start > deadline:
-                    raise TimeoutError(
+                    raise DownloadTimeout(
                         f"Downloading {url} took over {deadline:g} s (the download deadline; {size} bytes so far); "
                         "pass download_deadline= to wait longer, or check the server."
                     )
                 chunks.append(chunk)
     except httpx.HTTPError as err:
-        raise ConnectionError(
+        raise DownloadError(
             f"Could not download the image {url} ({type(err).__name__}: {err}). Check the URL and the network "
             "connection (offline?), or pass a local path or a PIL image."
         ) from err
     try:
         return open_rgb(b"".join(chunks))
     except UNREADABLE_IMAGE_ERRORS as err:
-        raise ValueError(f"{url} did not return a readable image ({err}).") from err
+        raise UserInputError(f"{url} did not return a readable image ({err}).") from err
 
 
 def _one_image_tensor(pixels: torch.Tensor) -> torch.Tensor:
@@ -292,7 +293,7 @@ def _one_image_tensor(pixels: torch.Tensor) -> torch.Tensor:
         return pixels.unsqueeze(0)
     if pixels.dim() == 4 and pixels.shape[0] == 1:
         return pixels
-    raise ValueError(
+    raise UserInputError(
         f"A tensor input is one preprocessed image [3, H, W]; got shape {tuple(pixels.shape)}. Pass several images "
         "as a list."
     )
@@ -300,16 +301,16 @@ def _one_image_tensor(pixels: torch.Tensor) -> torch.Tensor:
 
 def _checked_candidates(candidate_labels: Any) -> tuple[str, ...]:
     if isinstance(candidate_labels, str) or not isinstance(candidate_labels, (list, tuple)):
-        raise TypeError(
+        raise InputTypeError(
             f"candidate_labels must be a list of class names, got {type(candidate_labels).__name__} "
             f"({candidate_labels!r}); e.g. candidate_labels=['cat', 'dog']."
         )
     if not candidate_labels:
-        raise ValueError("candidate_labels is empty; give at least one class name.")
+        raise UserInputError("candidate_labels is empty; give at least one class name.")
     shown = display_names(list(candidate_labels))
     repeated = [name for name, display in zip(candidate_labels, shown) if name != display]
     if repeated:  # the answer is a score per label: a repeated label could not be told apart in it
-        raise ValueError(
+        raise UserInputError(
             f"candidate_labels: duplicate class names {repeated[:5]} (the same prompt, so the same score); give "
             "each candidate once."
         )

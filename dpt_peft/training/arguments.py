@@ -14,6 +14,7 @@ from ..config import DPTConfig
 from ..data.catalog import COOP_DATASETS
 from ..data.spec import DataSpec
 from ..sources import TOY_CLIP_ID, TOY_SIGLIP_ID
+from ..utils.errors import InputTypeError, UserInputError
 from .recipe import Recipe, guidance_epochs_for
 
 # Every DPTConfig field a user sets is a flag (they override the --method preset).
@@ -214,34 +215,34 @@ class TrainArguments:
             "prototype_max_images",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} {getattr(self, name)} must be at least 1.")
+                raise UserInputError(f"--{name} {getattr(self, name)} must be at least 1.")
         for name in ("visual_lr", "text_lr", "warmup_lr"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"--{name} {getattr(self, name)} must be a positive, finite learning rate.")
+                raise UserInputError(f"--{name} {getattr(self, name)} must be a positive, finite learning rate.")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
-            raise ValueError(f"--dataloader_num_workers {self.dataloader_num_workers} must be 0 or more.")
+            raise UserInputError(f"--dataloader_num_workers {self.dataloader_num_workers} must be 0 or more.")
         if self.eval_every < 0:
-            raise ValueError(f"--eval_every {self.eval_every} must be 0 (off) or a number of epochs.")
+            raise UserInputError(f"--eval_every {self.eval_every} must be 0 (off) or a number of epochs.")
         if self.save_best and not self.eval_every:
-            raise ValueError(
+            raise UserInputError(
                 "--save_best needs validation: pass --eval_every N (e.g. 1) or --eval_strategy epoch "
                 "(--load_best_model_at_end is --save_best)."
             )
         for name in ("visual_warmup_epochs", "text_warmup_epochs", "guidance_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"--{name} {getattr(self, name)} must be 0 or more epochs.")
+                raise UserInputError(f"--{name} {getattr(self, name)} must be 0 or more epochs.")
         if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"--min_crop_scale {self.min_crop_scale} is an area fraction: use a value in (0, 1].")
+            raise UserInputError(f"--min_crop_scale {self.min_crop_scale} is an area fraction: use a value in (0, 1].")
         if not 0 <= self.momentum < 1 or not 0 <= self.weight_decay < 1:
-            raise ValueError("--momentum and --weight_decay must lie in [0, 1).")
+            raise UserInputError("--momentum and --weight_decay must lie in [0, 1).")
         benchmark = [name for name in self.datasets if name in COOP_DATASETS]
         if benchmark and not self.data_root:
-            raise ValueError(
+            raise UserInputError(
                 f"--dataset {benchmark[0]} is a CoOp benchmark dataset: pass --data_root, the folder that holds "
                 f"{COOP_DATASETS[benchmark[0]].directory}/ as laid out in CoOp's DATASETS.md."
             )
         if self.split_file and len(self.datasets) > 1:
-            raise ValueError("--split_file holds one dataset's split; it cannot be combined with several --tasks.")
+            raise UserInputError("--split_file holds one dataset's split; it cannot be combined with several --tasks.")
 
     def _take_dataset_object(self) -> None:
         """`dataset=` a `datasets.Dataset` (its train split) or `DatasetDict`: kept aside as the run's only task,
@@ -253,12 +254,12 @@ class TrainArguments:
             self.given_dataset = getattr(self, "given_dataset", None) if given == GIVEN_DATASET_NAME else None
             return
         if not isinstance(given, (Dataset, DatasetDict)):
-            raise TypeError(
+            raise InputTypeError(
                 f"dataset={type(given).__name__}: give a dataset name or folder (str), a datasets.Dataset (used as "
                 "the train split) or a datasets.DatasetDict."
             )
         if self.tasks:
-            raise ValueError("A datasets object as dataset= is one task; it cannot be combined with --tasks.")
+            raise UserInputError("A datasets object as dataset= is one task; it cannot be combined with --tasks.")
         self.given_dataset = DatasetDict({self.train_split: given}) if isinstance(given, Dataset) else given
         self.dataset = GIVEN_DATASET_NAME
 

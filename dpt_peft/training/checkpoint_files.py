@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
+from ..utils.errors import UserInputError
 from ..utils.write_policy import sha256_of
 from .run_dir import first_difference
 from .run_layout import (
@@ -31,7 +32,7 @@ from .run_layout import (
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """A checkpoint that cannot be trusted or read: the message names the file and what to do."""
 
 
@@ -90,9 +91,9 @@ def verify_checkpoint(path: Path) -> VerifiedCheckpoint:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
         if manifest.get("format") != CHECKPOINT_FORMAT or not isinstance(files, dict):
-            raise ValueError(f"format {manifest.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+            raise UserInputError(f"format {manifest.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         if manifest.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"version {manifest.get('version')!r}, this dpt_peft reads {CHECKPOINT_VERSION}")
+            raise UserInputError(f"version {manifest.get('version')!r}, this dpt_peft reads {CHECKPOINT_VERSION}")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"{manifest_path} cannot be read ({type(err).__name__}: {err}); the manifest is truncated or corrupt, "
@@ -140,7 +141,7 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
     root = Path(output_dir) / CHECKPOINTS
     found = checkpoint_dirs(Path(output_dir))
     if not found:
-        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}.")
+        raise UserInputError(f"--resume_from_checkpoint latest: no checkpoint in {root}.")
     failures: list[tuple[Path, CheckpointError]] = []
     for path in reversed(found):
         try:
@@ -164,16 +165,16 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
     )
 
 
-def load_checkpoint_state(
+def checkpoint_to_resume(
     resume_from_checkpoint: str, output_dir: str | os.PathLike, identity: dict
-) -> tuple[VerifiedCheckpoint, dict]:
-    """The verified checkpoint to resume from and its trainer state, refused when it belongs to another run."""
+) -> VerifiedCheckpoint:
+    """The verified checkpoint to resume from (its trainer state in `.state`), refused when it belongs to another
+    run."""
     checkpoint = resolve_checkpoint(resume_from_checkpoint, output_dir)
-    state = checkpoint.state
-    difference = first_difference(state["run"], identity)
+    difference = first_difference(checkpoint.state["run"], identity)
     if difference is not None:
-        raise ValueError(
+        raise UserInputError(
             f"Checkpoint {checkpoint.path} was made with another config ({difference}); "
             "resume with the same arguments, or start a new run in another --output_dir."
         )
-    return checkpoint, state
+    return checkpoint

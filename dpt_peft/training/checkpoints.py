@@ -24,17 +24,26 @@ from accelerate.utils import gather_object
 from peft import set_peft_model_state_dict
 from safetensors.torch import save as save_safetensors
 
-from ..utils.write_policy import OutputFolder, fsync_dir, sha256_of
+from ..utils.write_policy import fsync_dir, sha256_of
 from .checkpoint_files import CheckpointError, VerifiedCheckpoint
-from .run_dir import on_main_process, write_file
+from .run_dir import RunDir, on_main_process, write_file
 from .run_layout import (
     ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    CHECKPOINTS,
     MANIFEST,
+    OLD_SUFFIX,
+    OPTIMIZER_STATE,
+    OPTIMIZER_TENSORS,
+    PARTIAL_SUFFIX,
+    RNG_STATE,
+    RNG_TENSORS,
+    SCALER_STATE,
+    SCHEDULER_STATE,
     STATE_FILE,
     TEMPORARY_CHECKPOINT_DIR,
+    checkpoint_dir,
     checkpoint_dirs,
 )
 
@@ -46,7 +55,8 @@ def _to_json(value: Any) -> bytes:
 
 
 def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[bytes, bytes]:
-    """optimizer.safetensors (every tensor of the state) and optimizer.json (the rest, tensors by key)."""
+    """The contents of `OPTIMIZER_TENSORS` (every tensor of the state) and `OPTIMIZER_STATE` (the rest, tensors by
+    key)."""
     state_dict = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     state: dict[str, dict] = {}
@@ -78,8 +88,8 @@ def _rng_state(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor
 
 class Checkpointer:
     """Writes and restores the checkpoints of one run: the model's adapter, the optimizer, the scheduler, the
-    DataLoader generator and every process's random states (and the fp16 scaler), in `<output_dir>/checkpoints`,
-    keeping the `keep` newest."""
+    DataLoader generator and every process's random states (and the fp16 scaler), in the run directory's
+    `checkpoints/`, keeping the `keep` newest."""
 
     def __init__(
         self,
@@ -88,11 +98,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         generator: torch.Generator,
-        output_dir: str | os.PathLike,
+        run_dir: RunDir,
         keep: int,
     ):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.generator, self.output_dir, self.keep = generator, Path(output_dir), keep
+        self.generator, self.run_dir, self.keep = generator, run_dir, keep
 
     def save(self, state: dict, identity: dict) -> None:
         """`checkpoints/epoch_<state["epoch"]>` with the trainer `state` and the run's `identity` (JSON, checked
@@ -101,15 +111,14 @@ class Checkpointer:
         accelerator = self.accelerator
         rng = _rng_state(self.generator)
         rng_all = gather_object([rng]) if accelerator.num_processes > 1 else [rng]  # every process's generators
-        root = self.output_dir / CHECKPOINTS
-        final = root / f"epoch_{state['epoch']}"
-        partial, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
+        output_dir, folder = self.run_dir.path, self.run_dir.folder
+        final = checkpoint_dir(output_dir, state["epoch"])
+        root = final.parent
+        partial, old = final.with_name(final.name + PARTIAL_SUFFIX), final.with_name(final.name + OLD_SUFFIX)
         model = accelerator.unwrap_model(self.model)
 
-        folder = OutputFolder(self.output_dir)
-
         def relative(path: Path) -> str:
-            return path.relative_to(self.output_dir).as_posix()
+            return path.relative_to(output_dir).as_posix()
 
         def write() -> None:
             root.mkdir(parents=True, exist_ok=True)
@@ -123,16 +132,16 @@ class Checkpointer:
                 partial.mkdir()
                 model.save_pretrained(str(partial / ADAPTER_DIR))
                 tensors, meta = _optimizer_files(self.optimizer)
-                write_file(partial / "optimizer.safetensors", tensors)
-                write_file(partial / "optimizer.json", meta)
-                write_file(partial / "scheduler.json", _to_json(self.scheduler.state_dict()))
+                write_file(partial / OPTIMIZER_TENSORS, tensors)
+                write_file(partial / OPTIMIZER_STATE, meta)
+                write_file(partial / SCHEDULER_STATE, _to_json(self.scheduler.state_dict()))
                 rng_tensors = {
                     f"process_{i}.{k}": t.cpu().contiguous() for i, (_, ts) in enumerate(rng_all) for k, t in ts.items()
                 }
-                write_file(partial / "rng.safetensors", save_safetensors(rng_tensors))
-                write_file(partial / "rng.json", _to_json({"processes": [numbers for numbers, _ in rng_all]}))
+                write_file(partial / RNG_TENSORS, save_safetensors(rng_tensors))
+                write_file(partial / RNG_STATE, _to_json({"processes": [numbers for numbers, _ in rng_all]}))
                 if accelerator.scaler is not None:
-                    write_file(partial / "scaler.json", _to_json(accelerator.scaler.state_dict()))
+                    write_file(partial / SCALER_STATE, _to_json(accelerator.scaler.state_dict()))
                 trainer_state = {**state, "accelerator_step": accelerator.step, "run": identity}
                 write_file(partial / STATE_FILE, _to_json(trainer_state))
                 files = {
@@ -153,13 +162,13 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
                 if old.exists() and not final.exists():
                     os.replace(old, final)
-                failure = _write_error(err, final, self.output_dir)
+                failure = _write_error(err, final, output_dir)
                 if failure is None:
                     raise
                 raise failure from err
             shutil.rmtree(old, ignore_errors=True)
             folder.forget(relative(old))
-            for stale in checkpoint_dirs(self.output_dir)[: -self.keep]:
+            for stale in checkpoint_dirs(output_dir)[: -self.keep]:
                 shutil.rmtree(stale)
                 folder.forget(relative(stale))
 
@@ -169,7 +178,7 @@ class Checkpointer:
         """Restore adapter, optimizer, scheduler, RNG (and fp16 scaler) states on every process, from files whose
         sha256 is checked again as they are read."""
         accelerator = self.accelerator
-        weights = checkpoint.tensors(f"{ADAPTER_DIR}/adapter_model.safetensors")
+        weights = checkpoint.tensors(ADAPTER_WEIGHTS)
         model = accelerator.unwrap_model(self.model)
         result = set_peft_model_state_dict(model, weights)
         missing = [k for k in getattr(result, "missing_keys", []) if ".dpt_" in k]
@@ -181,8 +190,8 @@ class Checkpointer:
         _restore_optimizer(checkpoint, self.optimizer)
         _restore_scheduler(checkpoint, self.scheduler)
         _restore_rng(checkpoint, accelerator, self.generator)
-        if accelerator.scaler is not None and "scaler.json" in checkpoint.files:
-            accelerator.scaler.load_state_dict(checkpoint.json("scaler.json"))
+        if accelerator.scaler is not None and SCALER_STATE in checkpoint.files:
+            accelerator.scaler.load_state_dict(checkpoint.json(SCALER_STATE))
         accelerator.step = int(checkpoint.state.get("accelerator_step", 0))
 
 
@@ -210,8 +219,8 @@ def _write_error(err: Exception, final: Path, output_dir: Path) -> OSError | Non
 
 
 def _restore_optimizer(checkpoint: VerifiedCheckpoint, optimizer: torch.optim.Optimizer) -> None:
-    tensors = checkpoint.tensors("optimizer.safetensors")
-    meta = checkpoint.json("optimizer.json")
+    tensors = checkpoint.tensors(OPTIMIZER_TENSORS)
+    meta = checkpoint.json(OPTIMIZER_STATE)
     try:
         state = {
             int(index): {
@@ -223,25 +232,25 @@ def _restore_optimizer(checkpoint: VerifiedCheckpoint, optimizer: torch.optim.Op
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
-            f"{checkpoint.path / 'optimizer.json'} does not fit this optimizer ({type(err).__name__}: {err}); "
+            f"{checkpoint.path / OPTIMIZER_STATE} does not fit this optimizer ({type(err).__name__}: {err}); "
             "resume with the arguments of the run that wrote it."
         ) from err
 
 
 def _restore_scheduler(checkpoint: VerifiedCheckpoint, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-    saved = checkpoint.json("scheduler.json")
+    saved = checkpoint.json(SCHEDULER_STATE)
     expected = scheduler.state_dict()
     if not isinstance(saved, dict) or set(saved) != set(expected) or any(saved.get("lr_lambdas") or []):
         raise CheckpointError(
-            f"{checkpoint.path / 'scheduler.json'} does not hold a state of {type(scheduler).__name__} (keys "
+            f"{checkpoint.path / SCHEDULER_STATE} does not hold a state of {type(scheduler).__name__} (keys "
             f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__}); resume from another checkpoint."
         )
     scheduler.load_state_dict(saved)
 
 
 def _restore_rng(checkpoint: VerifiedCheckpoint, accelerator: Accelerator, generator: torch.Generator) -> None:
-    processes = checkpoint.json("rng.json")["processes"]
-    tensors = checkpoint.tensors("rng.safetensors")
+    processes = checkpoint.json(RNG_STATE)["processes"]
+    tensors = checkpoint.tensors(RNG_TENSORS)
     index = accelerator.process_index
     if index >= len(processes):
         logger.warning(
@@ -267,6 +276,6 @@ def _restore_rng(checkpoint: VerifiedCheckpoint, accelerator: Accelerator, gener
                 logger.warning("%s holds CUDA random states of %d device(s); not restored.", checkpoint.path, len(cuda))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
-            f"{checkpoint.path / 'rng.json'} / rng.safetensors hold no valid random states ({type(err).__name__}: "
+            f"{checkpoint.path / RNG_STATE} / {RNG_TENSORS} hold no valid random states ({type(err).__name__}: "
             f"{err}); resume from another checkpoint."
         ) from err

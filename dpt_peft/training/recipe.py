@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..layer import ParameterKind
+from ..peft_model import DPTPeftModel
+from ..utils.errors import UserInputError
 
 VISUAL_GROUP, TEXT_GROUP = "visual", "text"
 GROUP_OF_KIND = {
@@ -76,10 +78,10 @@ def recipe_lr_factor(
     return factor
 
 
-def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
+def parameter_groups(model: DPTPeftModel) -> dict[str, list[torch.nn.Parameter]]:
     """Trainable prompt parameters of the active adapter by optimizer group, from their kinds."""
     groups: dict[str, list[torch.nn.Parameter]] = {VISUAL_GROUP: [], TEXT_GROUP: []}
-    for key, (kind, parameter) in model.base_model.adapter_parameters().items():
+    for key, (kind, parameter) in model.adapter_parameters().items():
         if parameter.requires_grad:
             if kind not in GROUP_OF_KIND:
                 raise ValueError(f"{key} is a {kind.value} parameter, which has no optimizer group in GROUP_OF_KIND.")
@@ -87,11 +89,11 @@ def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
     covered = {id(p) for params in groups.values() for p in params}
     stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     if stray:
-        raise ValueError(f"{stray[0]} is trainable but is not a DPT prompt parameter; freeze it before training.")
+        raise UserInputError(f"{stray[0]} is trainable but is not a DPT prompt parameter; freeze it before training.")
     return groups
 
 
-def build_optimizer(model, recipe: Recipe) -> torch.optim.SGD:
+def build_optimizer(model: DPTPeftModel, recipe: Recipe) -> torch.optim.SGD:
     """SGD with two groups: visual prompts + CAVPT (first), and the text context."""
     groups = parameter_groups(model)
     settings = {

@@ -1,5 +1,5 @@
-"""A run's directory: the checks before anything is written, what the run owns in it, its identity, and preparing it
-(under its lock, `run_lock.py`; the names of what it holds are in `run_layout.py`).
+"""A run's directory (`RunDir`): the checks before anything is written, what the run owns in it, its identity, and
+opening it (under its lock, `run_lock.py`; the names of what it holds are in `run_layout.py`).
 
 The guarantees (docs/reliability.md):
 
@@ -179,38 +179,55 @@ def on_main_process(accelerator: Accelerator, work: Callable[[], Any]) -> Any:
     return result
 
 
-# ---------------------------------------------------------------------------------------------- output dir
+# ---------------------------------------------------------------------------------------------- the run directory
 
 
-def prepare_output_dir(
-    output_dir: str | os.PathLike, identity: dict, accelerator: Accelerator, *, resume: bool, overwrite: bool
-) -> RunLock | None:
-    """Lock --output_dir, remove the previous run's artifacts with --overwrite_output_dir, and write run.json.
+class RunDir:
+    """A run's --output_dir, made once per run and handed to everything that writes there (checkpoints, split files,
+    reports): its `path`, its write policy `folder` (what is the run's own, atomic recorded writes) and, from `open`
+    to `release`, the `lock` the main process holds. `resume`: --resume_from_checkpoint; `overwrite`:
+    --overwrite_output_dir."""
 
-    Called once every check has passed; returns the lock on the main process (None on the others).
-    """
+    def __init__(self, path: str | os.PathLike, *, resume: bool, overwrite: bool):
+        self.path = Path(path)
+        self.folder = OutputFolder(self.path)
+        self.resume, self.overwrite = resume, overwrite
+        self.lock: RunLock | None = None
 
-    def prepare() -> RunLock:
-        directory = Path(output_dir)
-        check_output_dir(directory, identity, resume=resume, overwrite=overwrite)
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = RunLock.acquire(directory)
+    def check(self, identity: dict, accelerator: Accelerator) -> None:
+        """Every refusal about the directory for the run `identity` (reads only), raised on every process."""
+        on_main_process(accelerator, lambda: self._check(identity))
+
+    def open(self, identity: dict, accelerator: Accelerator) -> None:
+        """The run's first write, once every check has passed: lock the directory (main process), remove the previous
+        run's own files with --overwrite_output_dir and write run.json."""
+        self.lock = on_main_process(accelerator, lambda: self._claim(identity))
+
+    def release(self) -> None:
+        """Give the lock up (the end of the run, or a failure after `open`)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _check(self, identity: dict, holding_lock: bool = False) -> None:
+        check_output_dir(self.path, identity, resume=self.resume, overwrite=self.overwrite, holding_lock=holding_lock)
+
+    def _claim(self, identity: dict) -> RunLock:
+        self._check(identity)
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = RunLock.acquire(self.path)
         try:
-            check_output_dir(directory, identity, resume=resume, overwrite=overwrite, holding_lock=True)  # unchanged?
-            folder = OutputFolder(directory)
-            if overwrite:
-                if folder.recorded(RUN_FILE):  # also when damaged since
-                    (directory / RUN_FILE).unlink(missing_ok=True)
-                for removed in folder.remove_owned():
-                    logger.info("--overwrite_output_dir: removed %s", directory / removed)
-            if not (directory / RUN_FILE).exists():
-                folder.write_json(RUN_FILE, identity)
+            self._check(identity, holding_lock=True)  # unchanged since the first check?
+            if self.overwrite:
+                if self.folder.recorded(RUN_FILE):  # also when damaged since
+                    (self.path / RUN_FILE).unlink(missing_ok=True)
+                for removed in self.folder.remove_owned():
+                    logger.info("--overwrite_output_dir: removed %s", self.path / removed)
+            if not (self.path / RUN_FILE).exists():
+                self.folder.write_json(RUN_FILE, identity)
         except BaseException:
             lock.release()
             raise
         return lock
-
-    return on_main_process(accelerator, prepare)
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -8,14 +8,11 @@ import os
 import re
 from pathlib import Path
 
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
 RUN_FILE = "run.json"
-STATE_FILE = "trainer_state.json"
-MANIFEST = "manifest.json"
-CHECKPOINTS = "checkpoints"
 LOCK_FILE = ".dpt_peft.lock"
 TRACKER_DIR = "dpt_peft"  # Accelerate's TensorBoard tracker writes <project_dir>/<this project name>/
-CHECKPOINT_FORMAT = "dpt_peft-checkpoint"
-CHECKPOINT_VERSION = 1
 
 # What a run writes into its --output_dir.
 METRICS_FILE = "metrics.json"
@@ -26,23 +23,44 @@ BEST_ADAPTER_DIR = "best_adapter"
 LAST_ADAPTER_DIR = "last_adapter"  # --load_best_model_at_end: the last epoch's adapter, when the best differs
 SPLITS_DIR = "splits"  # the few-shot split of each benchmark task, as JSON
 
+# The checkpoints: <output_dir>/checkpoints/epoch_N, written as epoch_N.partial and renamed into place (the one it
+# replaces is epoch_N.old until then). Every file of one is listed with its sha256 in its MANIFEST.
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_FORMAT = "dpt_peft-checkpoint"
+CHECKPOINT_VERSION = 1
+PARTIAL_SUFFIX, OLD_SUFFIX = ".partial", ".old"
+CHECKPOINT_DIR = re.compile(r"epoch_(\d+)")
+TEMPORARY_CHECKPOINT_DIR = re.compile(rf"epoch_\d+({re.escape(PARTIAL_SUFFIX)}|{re.escape(OLD_SUFFIX)})")
+MANIFEST = "manifest.json"
+ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/{SAFETENSORS_WEIGHTS_NAME}"  # what `save_pretrained` writes into adapter/
+OPTIMIZER_TENSORS = "optimizer.safetensors"  # every tensor of the optimizer state
+OPTIMIZER_STATE = "optimizer.json"  # the rest of it, tensors by key
+SCHEDULER_STATE = "scheduler.json"
+RNG_TENSORS = "rng.safetensors"  # every process's torch and DataLoader generator states
+RNG_STATE = "rng.json"  # every process's Python and NumPy states
+SCALER_STATE = "scaler.json"  # fp16 only
+STATE_FILE = "trainer_state.json"  # `RunState.to_dict` and the run's identity
+REQUIRED_CHECKPOINT_FILES = (
+    ADAPTER_WEIGHTS,
+    OPTIMIZER_TENSORS,
+    OPTIMIZER_STATE,
+    SCHEDULER_STATE,
+    RNG_STATE,
+    RNG_TENSORS,
+    STATE_FILE,
+)
+STATE_KEYS = ("epoch", "global_step", "history", "train_seconds", "run")
+
 # What checkpoints of dpt_peft before issue 12 held (Accelerate's save_state); deleted, never loaded.
 LEGACY_CHECKPOINT_FILE = re.compile(
     r"(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|custom_checkpoint_\d+\.pkl|random_states_\d+\.pkl|"
     r"scaler\.pt|model(_\d+)?\.safetensors"
 )
-CHECKPOINT_DIR = re.compile(r"epoch_(\d+)")
-TEMPORARY_CHECKPOINT_DIR = re.compile(r"epoch_\d+\.(partial|old)")
-REQUIRED_CHECKPOINT_FILES = (
-    "adapter/adapter_model.safetensors",
-    "optimizer.safetensors",
-    "optimizer.json",
-    "scheduler.json",
-    "rng.json",
-    "rng.safetensors",
-    STATE_FILE,
-)
-STATE_KEYS = ("epoch", "global_step", "history", "train_seconds", "run")
+
+
+def checkpoint_dir(output_dir: Path, epoch: int) -> Path:
+    """Where the checkpoint of `epoch` (0-based) is, once complete."""
+    return output_dir / CHECKPOINTS / f"epoch_{epoch}"
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

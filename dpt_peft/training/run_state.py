@@ -6,16 +6,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.batching import ImageBatcher, SkipCounter
 from ..data.datasets import FewShotData
-from ..data.loaders import TrainLoader
+from ..data.run_loaders import RunLoaders
 from .arguments import TrainArguments
 from .checkpoints import Checkpointer
 from .recipe import Recipe
-from .run_lock import RunLock
+from .run_dir import RunDir
 
 
 @dataclass
@@ -49,7 +47,7 @@ class RunState:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything the loop works with, made by `setup`."""
 
@@ -60,19 +58,13 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loaders: dict[str, TrainLoader]
-    test_loaders: dict[str, DataLoader]
-    val_loaders: dict[str, DataLoader]  # empty without --eval_every
-    skips: SkipCounter  # unreadable images met by the decoding loaders' workers and the cache
-    batchers: tuple[ImageBatcher, ImageBatcher]  # train, test
-    generator: torch.Generator  # shuffles the training loaders, reseeded every epoch
+    loaders: RunLoaders  # prepared by Accelerate; their generator is reseeded every epoch, their skips are the run's
+    run_dir: RunDir  # --output_dir, locked by the main process until the run ends
     checkpointer: Checkpointer
     identity: dict
     steps_per_epoch: int
-    trainable_parameters: int
     state: RunState
     progress: tqdm
-    lock: RunLock | None = None  # of --output_dir, held by the main process
     frozen_val_features: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # per task, per batch
 
     @property
@@ -80,6 +72,10 @@ class Run:
         return len(self.tasks) > 1
 
     @property
+    def trainable_parameters(self) -> int:
+        return self.accelerator.unwrap_model(self.model).get_nb_trainable_parameters()[0]
+
+    @property
     def input_pipeline(self) -> str:
         """How the training images came: decoded once and augmented on the device, or decoded by PIL every epoch."""
-        return "decoded_cache" if any(loader.augmenter is not None for loader in self.train_loaders.values()) else "pil"
+        return "decoded_cache" if any(loader.augmenter is not None for loader in self.loaders.train.values()) else "pil"

@@ -1,56 +1,119 @@
-"""Setting a training run up: data, model, optimizer, loaders and checkpoint state.
+"""Setting a training run up, as named steps in the order `setup` takes them: check the flags, load the data, make the
+config and the run's identity, check the run directory, build the model, open the run directory, build the loaders,
+the optimizer and scheduler, and restore a checkpoint.
 
 Every check that can fail (arguments, dataset, columns, labels, shots, output directory, checkpoint, base model
-and DPT config) runs before anything is written to --output_dir, so a bad input never costs training time and a
-corrected retry finds the directory as it was.
+and DPT config) runs before `RunDir.open` writes the first file to --output_dir, so a bad input never costs training
+time and a corrected retry finds the directory as it was; a failure after it releases the directory's lock.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import DPTConfig
-from ..data.augmentation import DeviceAugmenter, processor_crop_size
-from ..data.batching import ImageBatcher, ReportingImageBatcher, SkipCounter
+from ..data.batching import ImageBatcher
 from ..data.coop_splits import save_split_file
 from ..data.datasets import FewShotData, load_tasks
-from ..data.decoded_cache import (
-    CachedImageDataset,
-    DecodedImageCache,
-    cache_size_for,
-    collate_cached,
-    decoded_cache_dir,
-)
 from ..data.few_shot import data_fingerprint
-from ..data.loaders import TrainLoader, default_num_workers, loader_kwargs
+from ..data.run_loaders import LoaderSpec, RunLoaders, build_loaders
 from ..prototypes import init_visual_prompts_from_prototypes
-from ..sources import load_clip
-from ..utils.write_policy import OutputFolder
+from ..sources import load_base_model, load_image_processor
+from ..utils.errors import UserInputError
 from .arguments import TrainArguments
-from .checkpoint_files import load_checkpoint_state
+from .checkpoint_files import VerifiedCheckpoint, checkpoint_to_resume
 from .checkpoints import Checkpointer
-from .recipe import build_optimizer, build_scheduler
-from .run_dir import check_output_dir, check_run_flags, normalized, on_main_process, prepare_output_dir
+from .recipe import Recipe, build_optimizer, build_scheduler
+from .run_dir import RunDir, check_run_flags, normalized
 from .run_layout import SPLITS_DIR, TRACKER_DIR
 from .run_state import Run, RunState
 
 
 def setup(args: TrainArguments, config_overrides: dict) -> Run:
-    """Data, model, optimizer and checkpoint state. Every check runs before `prepare_output_dir` writes the first
-    file (run.json), and a failure after it releases the directory's lock."""
-    resume, overwrite = args.resume_from_checkpoint, args.overwrite_output_dir
+    """What a run does before its first epoch, step by step. Every refusal comes before `run_dir.open`, the first
+    write; a failure after it releases the directory's lock."""
+    resume = args.resume_from_checkpoint
+    # 1. Check the flags and the launcher, then start the processes.
     check_launcher()
-    check_run_flags(args.output_dir, args.checkpoints_to_keep, overwrite, resume)
-    accelerator = Accelerator(
+    check_run_flags(args.output_dir, args.checkpoints_to_keep, args.overwrite_output_dir, resume)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    # 2. Data: every task's few-shot sets, checked.
+    tasks = load_run_tasks(args)
+    # 3. The DPT config and the run's identity (what run.json and every checkpoint record).
+    config, identity = run_identity(args, config_overrides, tasks)
+    # 4. The run directory's refusals (reads only), and the checkpoint to resume from, hash-checked.
+    run_dir = RunDir(args.output_dir, resume=bool(resume), overwrite=args.overwrite_output_dir)
+    run_dir.check(identity, accelerator)
+    checkpoint = checkpoint_to_resume(resume, run_dir.path, identity) if resume else None
+    # 5. The model, the last refusals; then the first write: the directory's lock and run.json.
+    model, processor = build_model(args, config, tasks, from_prototypes=checkpoint is None)
+    run_dir.open(identity, accelerator)
+    try:
+        write_run_records(run_dir, args, tasks, identity, accelerator)
+        # 6. The loaders of every task.
+        loaders = build_run_loaders(args, tasks, processor, accelerator)
+        # 7. The optimizer and its schedule, and the checkpointer that saves them every epoch.
+        recipe = args.recipe
+        model, optimizer, scheduler, steps_per_epoch = build_optimization(args, recipe, model, loaders, accelerator)
+        keep = args.checkpoints_to_keep
+        checkpointer = Checkpointer(accelerator, model, optimizer, scheduler, loaders.generator, run_dir, keep)
+        # 8. Where the loop starts: from scratch, or restored from the checkpoint.
+        state = restore(checkpointer, checkpoint)
+    except BaseException:
+        run_dir.release()
+        raise
+    progress = tqdm(
+        total=steps_per_epoch * args.epochs,
+        initial=state.global_step,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+    )
+    return Run(
+        args=args,
+        recipe=recipe,
+        accelerator=accelerator,
+        tasks=tasks,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loaders=loaders,
+        run_dir=run_dir,
+        checkpointer=checkpointer,
+        identity=identity,
+        steps_per_epoch=steps_per_epoch,
+        state=state,
+        progress=progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- 1. check
+
+
+def check_launcher() -> None:
+    """FSDP and DeepSpeed are refused before anything is built: the frozen CLIP is replicated on each process and
+    only the prompts (a few MB) train, so DDP (`accelerate launch --multi_gpu`) is what a run needs; sharding would
+    matter only for a base too large for one device (README, "Distributed training")."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
+            raise UserInputError(
+                f"{name} is not supported by dpt-peft train (the launcher set {variable}): the base CLIP is frozen and "
+                "only a few MB of prompts train, so run data-parallel instead: `accelerate launch --multi_gpu "
+                "--num_processes N -m dpt_peft train ...` (or `accelerate config` without FSDP/DeepSpeed)."
+            )
+
+
+def make_accelerator(args: TrainArguments) -> Accelerator:
+    """The run's processes, precision, gradient accumulation and trackers."""
+    return Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to in ([], ["none"]) else args.report_to,
@@ -61,158 +124,21 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
         # a multitask step may leave another task's parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(args.datasets) > 1)],
     )
-    set_seed(args.seed)
+
+
+# ---------------------------------------------------------------------------------------------- 2. data, 3. identity
+
+
+def load_run_tasks(args: TrainArguments) -> dict[str, FewShotData]:
+    """Every task's few-shot training, validation and test sets, checked (`data.datasets.load_tasks`)."""
     tasks = load_tasks(args.data_spec)
     missing_val = [name for name, data in tasks.items() if args.eval_every and data.val is None]
     if missing_val:
-        raise ValueError(
+        raise UserInputError(
             f"--eval_every needs a validation split, and {missing_val[0]} has none apart from its test split (which "
             "is never used for choices); train without --eval_every/--save_best."
         )
-    config, identity = run_identity(args, config_overrides, tasks)
-    # refusals before the model loads
-    on_main_process(
-        accelerator, lambda: check_output_dir(args.output_dir, identity, resume=bool(resume), overwrite=overwrite)
-    )
-    checkpoint = resumed = None
-    if resume:  # verified (sha256) by every process, before anything is written
-        checkpoint, resumed = load_checkpoint_state(resume, args.output_dir, identity)
-
-    clip, processor = load_clip(args.model_name_or_path, attn_implementation=args.attn_implementation)
-    if args.gradient_checkpointing:
-        clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(clip, config)
-    trainable = model.get_nb_trainable_parameters()[0]
-
-    train_batcher = ImageBatcher(
-        processor,
-        args.image_column,
-        args.label_column,
-        train=args.augment,
-        seed=args.seed,
-        min_crop_scale=args.min_crop_scale,
-    )
-    test_batcher = plain_batcher = ImageBatcher(processor, args.image_column, args.label_column)
-    cuda = accelerator.device.type == "cuda"
-    workers = args.dataloader_num_workers
-    workers = (default_num_workers(accelerator.num_processes) if cuda else 0) if workers is None else workers
-    if workers:  # batches carry their skipped images to the main process, which counts each once
-        test_batcher = ReportingImageBatcher(processor, args.image_column, args.label_column)
-    decoding = loader_kwargs(workers, local_processes=accelerator.num_processes) if workers else {}
-    use_cache = args.input_pipeline == "decoded_cache" or (args.input_pipeline == "auto" and cuda)
-    if config.visual_prompt_init == "prototype" and checkpoint is None:
-        loaders = [
-            DataLoader(d.train, batch_size=args.eval_batch_size, collate_fn=plain_batcher) for d in tasks.values()
-        ]
-        init_visual_prompts_from_prototypes(
-            model,
-            (batch for loader in loaders for batch in loader),
-            method=args.prototype_method,
-            max_images=args.prototype_max_images,
-            seed=args.seed,
-        )
-    recipe = args.recipe
-    optimizer = build_optimizer(model, recipe)
-
-    lock = prepare_output_dir(args.output_dir, identity, accelerator, resume=bool(resume), overwrite=overwrite)
-    try:
-        if accelerator.is_main_process:
-            write_split_files(args, tasks)
-        generator = torch.Generator()
-        skips = SkipCounter()
-        train_loaders: dict[str, DataLoader] = {}
-        augmenters: dict[str, DeviceAugmenter] = {}
-        for name, data in tasks.items():
-            cache = None
-            if use_cache:
-                with accelerator.main_process_first():  # the main process decodes, the others read its files
-                    size = cache_size_for(processor_crop_size(processor))
-                    cache = DecodedImageCache.build(
-                        data.train, args.image_column, size, cache_dir=decoded_cache_dir(), num_workers=workers
-                    )
-            if cache is not None:
-                skips.update(cache.skipped)
-                augmenters[name] = DeviceAugmenter.from_processor(
-                    processor, train=args.augment, seed=args.seed, min_scale=args.min_crop_scale
-                )
-            source = (
-                data.train if cache is None else CachedImageDataset.from_dataset(cache, data.train, args.label_column)
-            )
-            train_loaders[name] = DataLoader(  # Dassl drops the last partial batch when there is a full one
-                source,
-                batch_size=args.batch_size,
-                shuffle=True,
-                generator=generator,
-                collate_fn=train_batcher if cache is None else collate_cached,
-                drop_last=len(data.train) >= args.batch_size,
-            )
-        test_loaders = {
-            name: DataLoader(data.test, batch_size=args.eval_batch_size, collate_fn=test_batcher, **decoding)
-            for name, data in tasks.items()
-        }
-        val_loaders = {
-            name: DataLoader(data.val, batch_size=args.eval_batch_size, collate_fn=test_batcher, **decoding)
-            for name, data in tasks.items()
-            if args.eval_every and data.val is not None
-        }
-        model, optimizer = accelerator.prepare(model, optimizer)
-        augmenting = {
-            name: TrainLoader(accelerator.prepare(loader), augmenter=augmenters[name])
-            if name in augmenters
-            else TrainLoader(accelerator.prepare(loader), batcher=train_batcher)
-            for name, loader in train_loaders.items()
-        }
-        test_loaders = {name: accelerator.prepare(loader) for name, loader in test_loaders.items()}
-        val_loaders = {name: accelerator.prepare(loader) for name, loader in val_loaders.items()}
-        # Stepped once per optimizer update by the loop (not prepared: Accelerate would step it once per process).
-        batches_per_epoch = sum(len(loader) for loader in augmenting.values())
-        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-        scheduler = build_scheduler(optimizer, recipe, steps_per_epoch)
-        checkpointer = Checkpointer(
-            accelerator, model, optimizer, scheduler, generator, args.output_dir, args.checkpoints_to_keep
-        )
-
-        state = RunState()
-        if checkpoint is not None:
-            checkpointer.restore(checkpoint)
-            state = RunState.from_dict(resumed)
-            accelerator.print(f"Resumed from {checkpoint.path} (epoch {resumed['epoch']} done)")
-        if accelerator.log_with:
-            if accelerator.is_main_process:  # the tracker's logs grow as it runs: the folder is recorded as ours
-                OutputFolder(args.output_dir).record_dir(TRACKER_DIR)
-            accelerator.init_trackers(TRACKER_DIR, config={k: str(v) for k, v in identity.items()})
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    progress = tqdm(
-        total=steps_per_epoch * args.epochs,
-        initial=state.global_step,
-        desc="train",
-        disable=not accelerator.is_local_main_process,
-    )
-    return Run(
-        args,
-        recipe,
-        accelerator,
-        tasks,
-        model,
-        optimizer,
-        scheduler,
-        augmenting,
-        test_loaders,
-        val_loaders,
-        skips,
-        (train_batcher, test_batcher),
-        generator,
-        checkpointer,
-        identity,
-        steps_per_epoch,
-        trainable,
-        state,
-        progress,
-        lock,
-    )
+    return tasks
 
 
 def run_identity(args: TrainArguments, config_overrides: dict, tasks: dict[str, FewShotData]) -> tuple[DPTConfig, dict]:
@@ -227,23 +153,95 @@ def run_identity(args: TrainArguments, config_overrides: dict, tasks: dict[str, 
     return config, normalized(identity)
 
 
-def check_launcher() -> None:
-    """FSDP and DeepSpeed are refused before anything is built: the frozen CLIP is replicated on each process and
-    only the prompts (a few MB) train, so DDP (`accelerate launch --multi_gpu`) is what a run needs; sharding would
-    matter only for a base too large for one device (README, "Distributed training")."""
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
-            raise ValueError(
-                f"{name} is not supported by dpt-peft train (the launcher set {variable}): the base CLIP is frozen and "
-                "only a few MB of prompts train, so run data-parallel instead: `accelerate launch --multi_gpu "
-                "--num_processes N -m dpt_peft train ...` (or `accelerate config` without FSDP/DeepSpeed)."
-            )
+# ---------------------------------------------------------------------------------------------- 5. model
 
 
-def write_split_files(args: TrainArguments, tasks: dict[str, FewShotData]) -> None:
-    """The few-shot images of each benchmark task as JSON (`--split_file` reuses one on another machine)."""
-    for name, data in tasks.items():
-        if data.split_indices is not None:
-            path = Path(args.output_dir) / SPLITS_DIR / f"{name}.json"
-            save_split_file(path, data.split_source, data.split_indices, shots=args.shots, seed=args.seed)
-            OutputFolder(args.output_dir).record([f"{SPLITS_DIR}/{name}.json"])
+def build_model(
+    args: TrainArguments, config: DPTConfig, tasks: dict[str, FewShotData], *, from_prototypes: bool
+) -> tuple[PeftModel, object]:
+    """The base model and its image processor, with the DPT adapter of `config` (the last refusals: a base model
+    that does not load, a config it does not fit). With --visual_prompt_init prototype and `from_prototypes` (no
+    checkpoint to restore), the visual prompts start from the training images' tokens."""
+    base = load_base_model(args.model_name_or_path, attn_implementation=args.attn_implementation)
+    processor = load_image_processor(args.model_name_or_path)
+    if args.gradient_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, config)
+    if config.visual_prompt_init == "prototype" and from_prototypes:
+        batcher = ImageBatcher(processor, args.image_column, args.label_column)
+        loaders = [DataLoader(d.train, batch_size=args.eval_batch_size, collate_fn=batcher) for d in tasks.values()]
+        init_visual_prompts_from_prototypes(
+            model,
+            (batch for loader in loaders for batch in loader),
+            method=args.prototype_method,
+            max_images=args.prototype_max_images,
+            seed=args.seed,
+        )
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- after the first write
+
+
+def write_run_records(
+    run_dir: RunDir, args: TrainArguments, tasks: dict[str, FewShotData], identity: dict, accelerator: Accelerator
+) -> None:
+    """What the run directory holds besides run.json from the start: the few-shot split of each benchmark task as
+    JSON (`--split_file` reuses one on another machine) and, with --report_to, the tracker's logs."""
+    if accelerator.is_main_process:
+        for name, data in tasks.items():
+            if data.split_indices is not None:
+                relative = f"{SPLITS_DIR}/{name}.json"
+                provenance = {"shots": args.shots, "seed": args.seed}
+                save_split_file(run_dir.path / relative, data.split_source, data.split_indices, **provenance)
+                run_dir.folder.record([relative])
+        if accelerator.log_with:  # the tracker's logs grow as it runs: the folder is recorded as the run's
+            run_dir.folder.record_dir(TRACKER_DIR)
+    if accelerator.log_with:
+        accelerator.init_trackers(TRACKER_DIR, config={k: str(v) for k, v in identity.items()})
+
+
+def build_run_loaders(
+    args: TrainArguments, tasks: dict[str, FewShotData], processor, accelerator: Accelerator
+) -> RunLoaders:
+    """Every task's training, validation and test loaders (`data.run_loaders.build_loaders`), prepared."""
+    spec = LoaderSpec(
+        image_column=args.image_column,
+        label_column=args.label_column,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        augment=args.augment,
+        min_crop_scale=args.min_crop_scale,
+        seed=args.seed,
+        input_pipeline=args.input_pipeline,
+        dataloader_num_workers=args.dataloader_num_workers,
+        validation=bool(args.eval_every),
+        cuda=accelerator.device.type == "cuda",
+        processes=accelerator.num_processes,
+    )
+    loaders = build_loaders(tasks, processor, spec, main_process_first=accelerator.main_process_first)
+    loaders.prepare(accelerator.prepare)
+    return loaders
+
+
+def build_optimization(
+    args: TrainArguments, recipe: Recipe, model: PeftModel, loaders: RunLoaders, accelerator: Accelerator
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int]:
+    """The prepared model and optimizer, the scheduler and the optimizer steps of an epoch. The scheduler is stepped
+    once per optimizer update by the loop (not prepared: Accelerate would step it once per process)."""
+    optimizer = build_optimizer(model, recipe)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batches_per_epoch = sum(len(loader) for loader in loaders.train.values())
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    return model, optimizer, build_scheduler(optimizer, recipe, steps_per_epoch), steps_per_epoch
+
+
+def restore(checkpointer: Checkpointer, checkpoint: VerifiedCheckpoint | None) -> RunState:
+    """Where the loop starts: from scratch, or where `checkpoint` left it (adapter, optimizer, scheduler and random
+    states restored on every process)."""
+    if checkpoint is None:
+        return RunState()
+    checkpointer.restore(checkpoint)
+    state = RunState.from_dict(checkpoint.state)
+    checkpointer.accelerator.print(f"Resumed from {checkpoint.path} (epoch {state.epochs_done - 1} done)")
+    return state

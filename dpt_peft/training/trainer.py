@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from ..data.loaders import scheduled_batches, task_schedule
+from ..utils.seeding import seed_for
 from .arguments import TrainArguments
 from .report import report, validate
 from .run_layout import checkpoint_dirs
@@ -40,8 +40,7 @@ def train(args: TrainArguments, config_overrides: dict | None = None) -> dict:
             train_epoch(run, epoch)
         return report(run, time.time() - start)
     finally:
-        if run.lock is not None:
-            run.lock.release()
+        run.run_dir.release()
 
 
 def train_epoch(run: Run, epoch: int) -> None:
@@ -49,13 +48,14 @@ def train_epoch(run: Run, epoch: int) -> None:
     args, accelerator, state = run.args, run.accelerator, run.state
     epoch_start = time.time()
     guidance = run.recipe.guidance(epoch)
-    run.generator.manual_seed(args.seed * 1_000_003 + epoch)
-    schedule = task_schedule(run.train_loaders, args.task_sampling, torch.Generator().manual_seed(args.seed + epoch))
-    for loader in run.train_loaders.values():
+    run.loaders.generator.manual_seed(seed_for(args.seed, "loader_shuffle", epoch))
+    task_draws = torch.Generator().manual_seed(seed_for(args.seed, "task_schedule", epoch))
+    schedule = task_schedule(run.loaders.train, args.task_sampling, task_draws)
+    for loader in run.loaders.train.values():
         loader.set_epoch(epoch)
     run.model.train()
     losses, grad_norms, correct, seen = [], [], 0, 0
-    for task, batch in scheduled_batches(run.train_loaders, schedule):
+    for task, batch in scheduled_batches(run.loaders.train, schedule):
         if batch is None:  # no image of it was readable
             continue
         with accelerator.accumulate(run.model):
@@ -101,7 +101,7 @@ def train_epoch(run: Run, epoch: int) -> None:
 
 
 def _last_checkpoint(run: Run) -> str:
-    found = checkpoint_dirs(Path(run.args.output_dir))
+    found = checkpoint_dirs(run.run_dir.path)
     return f"the last checkpoint, {found[-1]}, is kept" if found else "no checkpoint had been written yet"
 
 
@@ -125,7 +125,7 @@ def check_loss(run: Run, loss: torch.Tensor, epoch: int, step: int) -> None:
 def check_parameters(run: Run, epoch: int) -> None:
     """Stop when an update made a prompt parameter NaN or infinite (the loss was still finite)."""
     unwrapped = run.accelerator.unwrap_model(run.model)
-    for key, (_, parameter) in unwrapped.base_model.adapter_parameters().items():
+    for key, (_, parameter) in unwrapped.adapter_parameters().items():
         if not bool(torch.isfinite(parameter.detach()).all()):
             raise TrainingDivergedError(
                 f"Training diverged: prompt parameter {key} became NaN or infinite in epoch {epoch} (0-based), by "

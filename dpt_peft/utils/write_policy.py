@@ -1,9 +1,7 @@
 """The one write policy of every command (docs/reliability.md): a file is created new, or replaced only when
 dpt_peft wrote it, as recorded with its sha256 in the manifest of the folder it was written to; everything is
 written atomically (temporary file, fsync, `os.replace`); `--overwrite_output_dir` removes only recorded files.
-
-Also the refusal type of the CLI: `UserInputError` (one line: what, why, the fix) and `run_command`, which prints
-a refusal as that line and exits 2. This module imports nothing of dpt_peft, so every layer may use it.
+It imports only `utils/errors.py` of dpt_peft, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -11,24 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
-import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputRefused, UserInputError
+
 MANIFEST_FILE = ".dpt_peft_written.json"
 MANIFEST_FORMAT = "dpt_peft-written-files"
 WHOLE_DIR = "*"  # a manifest value: everything under this folder is dpt_peft's (a half-written checkpoint, logs)
-
-
-class UserInputError(ValueError):
-    """A refusal of the user's input or environment, with a message that says what, why and the fix."""
-
-
-class OutputRefused(UserInputError):
-    """Writing where asked would replace or delete something dpt_peft did not write, or cannot succeed."""
 
 
 def sha256_of(path: Path) -> str:
@@ -53,8 +43,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """`write(temporary)` then fsync and rename over `path`: a reader sees the old file or the new, never half."""
+def plain_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], durable: bool = True) -> None:
+    """`write(temporary)` then rename over `path`: a reader sees the old file or the new, never half. `durable`
+    also flushes the file and the rename to disk (what a run keeps); a cache, rebuilt when lost, skips that cost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -62,17 +60,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     temporary = Path(name)
     try:
         write(temporary)
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
+        os.chmod(temporary, plain_file_mode())  # mkstemp makes 0600; a team sharing a run folder must read it
+        if durable:
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda temporary: temporary.write_bytes(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    atomic_write(path, lambda temporary: temporary.write_bytes(data), durable)
 
 
 def check_writable_dir(directory: str | os.PathLike, flag: str) -> None:
@@ -274,32 +275,3 @@ def _owned(root: Path, relative: Path) -> bool:
         if recorded is not None and recorded != WHOLE_DIR and recorded == sha256_of(path):
             return True
     return False
-
-
-# ---------------------------------------------------------------------------------------------- the CLI
-
-# What a command raises for bad input or a bad environment; printed as one line, exit status 2.
-REFUSALS: tuple[type[BaseException], ...] = (
-    UserInputError,
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-    ConnectionError,
-    TimeoutError,
-)
-
-
-def run_command(command: Callable[[list[str]], Any], argv: list[str], verbose: bool = False) -> Any:
-    """`command(argv)`; a refusal (`REFUSALS`) becomes one line on stderr and exit status 2 (with `verbose`, the
-    traceback first)."""
-    try:
-        return command(argv)
-    except REFUSALS as err:
-        if verbose:
-            traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"dpt-peft: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from err
