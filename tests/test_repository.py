@@ -184,3 +184,14 @@ def test_python_dash_m_lists_the_commands():
     assert completed.returncode == 0, completed.stderr
     for command in ("train", "evaluate", "predict", "visualize", "ablation", "benchmark"):
         assert f"  {command} " in completed.stdout
+
+
+TEST_FOLDERS = {"core", "backbones", "data", "toy", "training", "integrations", "experiments", "cli", "utils"}
+
+
+def test_tests_sit_in_the_folder_of_the_layer_they_test_and_are_named_by_concept():
+    """A test of `dpt_peft/data/` is in tests/data/, of the core in tests/core/; names say what is tested, not when."""
+    files = [p.relative_to(REPO / "tests") for p in (REPO / "tests").rglob("test_*.py")]
+    misplaced = [str(f) for f in files if len(f.parts) != 2 or f.parts[0] not in TEST_FOLDERS]
+    assert misplaced == ["test_repository.py"]
+    assert not [f for f in files if re.search(r"round\d|issue\d|habits_\d", f.name)]

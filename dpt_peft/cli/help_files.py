@@ -1,6 +1,6 @@
 """The help texts that dpt_peft_launcher.py prints for `dpt-peft --help` and `dpt-peft <command> --help` without
 importing torch: written from the command table (`cli/__init__.py: COMMANDS`) by `python -m dpt_peft.cli.help_files`,
-and checked against the real parsers by tests/test_cli_help.py.
+and checked against the real parsers by tests/cli/test_cli_help.py.
 
 Why a cache at all: any `dpt_peft` import registers DPT with PEFT, which imports torch and transformers (seconds),
 and a `--help` should answer at once. Why it cannot go stale unseen: argparse lays help out differently from one

@@ -19,7 +19,7 @@ from dpt_peft.data.coop_splits import subsample_classes
 from dpt_peft.experiments.benchmark_report import aggregate, markdown_table, write_report
 from dpt_peft.experiments.published import DPT_PAPER, published_rows
 
-IMAGENET_NAMES = (Path(__file__).parent / "fixtures" / "imagenet_classnames.txt").read_text().splitlines()
+IMAGENET_NAMES = (Path(__file__).parents[1] / "fixtures" / "imagenet_classnames.txt").read_text().splitlines()
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from dpt_peft.cli.parsers import ablation_parser, evaluate_parser
 from dpt_peft.cli.train_args import DATA_FIELDS, build_parser, help_with_default, parse_args, parse_given_flags
 from dpt_peft.training.arguments import CONFIG_FLAGS, TrainArguments
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft", "dpt_peft")
 # Runs the console script's function as `dpt-peft <argv>` would, then reports which heavy packages were imported.
 RUN_LAUNCHER = """

@@ -14,7 +14,7 @@ from dpt_peft import DPTConfig
 from dpt_peft.backbones import ClipBackbone
 from dpt_peft.class_prompts import build_prompt_layout, build_template_ids
 
-IMAGENET = (Path(__file__).parent / "fixtures" / "imagenet_classnames.txt").read_text().splitlines()
+IMAGENET = (Path(__file__).parents[1] / "fixtures" / "imagenet_classnames.txt").read_text().splitlines()
 CONTEXT = 77  # CLIP's text context
 
 

@@ -21,7 +21,7 @@ from dpt_peft.toy.shapes import POSITIONS
 from dpt_peft.training.checkpoints import Checkpointer
 from dpt_peft.training.recipe import recipe_lr_factor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHORT = ["--epochs", "3", "--shots", "4", "--report_to", "none", "--eval_batch_size", "300"]
 
 
@@ -332,7 +332,7 @@ def test_no_library_module_imports_the_command_line():
     """The CLI is a leaf: no module imports it, also not inside a function (only `python -m dpt_peft` runs it)."""
     import ast
 
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     offenders = []
     for path in (root / "dpt_peft").rglob("*.py"):
         if path.name == "__main__.py" or path.relative_to(root).parts[1] == "cli":  # the CLI package itself

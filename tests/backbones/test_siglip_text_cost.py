@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, SiglipModel
 
 from dpt_peft import DPTConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH_TRAIN = REPO / "benchmarks" / "bench_train.py"
 
 

@@ -15,7 +15,7 @@ from transformers import CLIPModel
 
 from dpt_peft import DPTConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def build(clip_path, attn="sdpa", **config):
