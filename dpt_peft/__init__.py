@@ -55,4 +55,4 @@ __all__ = [
     "init_visual_prompts_from_prototypes",
     "predict",
 ]
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,71 +159,12 @@ class DecodedImageCache:
         store = (
             _Store(Path(cache_dir) / f"{CACHE_FORMAT}-{decoder_settings()}-s{size}") if cache_dir is not None else None
         )
-        count = len(dataset)
-        names: list[str] = []  # how each row is named if it is unreadable
-        # Filled through NumPy: single-threaded copies (an OpenMP team's barrier spins cost more than these).
-        pixels = np.empty((count, 3, size, size), dtype=np.uint8)
-        ok = np.zeros(count, dtype=bool)
-        failures: dict[int, str] = {}  # row -> why it is unreadable
-        jobs: dict[str, list[int]] = {}  # content key -> the rows with that content (decoded once)
-        sources: dict[str, object] = {}  # content key -> the value to decode, for the keys not in the store
-        reused = 0
-        for position, value in enumerate(undecoded(dataset, image_column)[image_column]):
-            names.append(image_name(value))
-            try:
-                key = _content_key(value)
-            except (OSError, KeyError, TypeError) as err:
-                failures[position] = f"{type(err).__name__}: {err}"
-                continue
-            if key in jobs:
-                jobs[key].append(position)
-                continue
-            if store is not None and (reason := store.bad_reason(key)) is not None:
-                failures[position] = reason
-                continue
-            jobs[key] = [position]
-            if store is not None and store.read(key, pixels[position]):
-                ok[position] = True
-                reused += 1
-            else:
-                sources[key] = value
-        keys = list(sources)
-        loader = DataLoader(
-            _DecodeJobs([sources[k] for k in keys], size),
-            batch_size=8,
-            collate_fn=_as_list,
-            **loader_kwargs(min(num_workers, len(keys)), persistent_workers=False, pin_memory=False),
-        )
-        for results in loader:
-            for i, square, reason, decoded_key in results:
-                first = jobs[keys[i]][0]
-                stored_key = decoded_key or keys[i]
-                if stored_key != keys[i]:
-                    logger.warning("%s changed while the cache was built; stored under its new content.", names[first])
-                if square is None:
-                    failures.update((position, reason) for position in jobs[keys[i]])
-                    if store is not None and not reason.startswith("DecompressionBombError"):  # a setting
-                        store.write(stored_key, ".bad", reason.encode())
-                    continue
-                if store is not None:
-                    data = square.numpy().tobytes()
-                    store.write(stored_key, ".u8", data + hashlib.sha256(data).digest())
-                pixels[first] = square.numpy()
-                ok[first] = True
-        for positions in jobs.values():  # rows sharing content with the first one
-            if ok[positions[0]]:
-                for position in positions[1:]:
-                    pixels[position] = pixels[positions[0]]
-                    ok[position] = True
-        skipped: list[str] = []
-        for position in sorted(failures):  # in row order, each named once
-            if names[position] not in skipped:
-                skipped.append(names[position])
-                logger.warning("Skipping unreadable image %s (%s)", names[position], failures[position])
-        rows = np.flatnonzero(ok).tolist()
-        if len(rows) < count:
-            pixels = pixels[rows]  # a copy without the unreadable rows
-        return cls(torch.from_numpy(pixels), rows, size, skipped, decoded=len(keys), reused=reused)
+        build = _Build(len(dataset), size, store)
+        build.plan(undecoded(dataset, image_column)[image_column])
+        build.decode_missing(num_workers)
+        rows, skipped = build.finish()
+        pixels = build.pixels if len(rows) == len(dataset) else build.pixels[rows]  # a copy without unreadable rows
+        return cls(torch.from_numpy(pixels), rows, size, skipped, decoded=len(build.sources), reused=build.reused)
 
 
 class _Store:
@@ -305,3 +246,83 @@ def collate_cached(samples: list[tuple[torch.Tensor, int, int]]) -> dict:
         "labels": torch.tensor(labels, dtype=torch.long),
         "indices": list(indices),
     }
+
+
+class _Build:
+    """One `DecodedImageCache.build`: which rows share content (decoded once), which the store already holds, the
+    decoding of the rest, and the unreadable rows, each named once."""
+
+    def __init__(self, count: int, size: int, store: _Store | None) -> None:
+        self.size, self.store = size, store
+        self.names: list[str] = []  # how each row is named if it is unreadable
+        # Filled through NumPy: single-threaded copies (an OpenMP team's barrier spins cost more than these).
+        self.pixels = np.empty((count, 3, size, size), dtype=np.uint8)
+        self.ok = np.zeros(count, dtype=bool)
+        self.failures: dict[int, str] = {}  # row -> why it is unreadable
+        self.jobs: dict[str, list[int]] = {}  # content key -> the rows with that content (decoded once)
+        self.sources: dict[str, object] = {}  # content key -> the value to decode, for the keys not in the store
+        self.reused = 0
+
+    def plan(self, values: Iterable) -> None:
+        """Key every row by its content; read what the store holds, and note what must be decoded."""
+        for position, value in enumerate(values):
+            self.names.append(image_name(value))
+            try:
+                key = _content_key(value)
+            except (OSError, KeyError, TypeError) as err:
+                self.failures[position] = f"{type(err).__name__}: {err}"
+                continue
+            if key in self.jobs:
+                self.jobs[key].append(position)
+                continue
+            if self.store is not None and (reason := self.store.bad_reason(key)) is not None:
+                self.failures[position] = reason
+                continue
+            self.jobs[key] = [position]
+            if self.store is not None and self.store.read(key, self.pixels[position]):
+                self.ok[position] = True
+                self.reused += 1
+            else:
+                self.sources[key] = value
+
+    def decode_missing(self, num_workers: int) -> None:
+        """Decode what the store did not hold (in worker processes with `num_workers`), storing each square."""
+        keys = list(self.sources)
+        loader = DataLoader(
+            _DecodeJobs([self.sources[k] for k in keys], self.size),
+            batch_size=8,
+            collate_fn=_as_list,
+            **loader_kwargs(min(num_workers, len(keys)), persistent_workers=False, pin_memory=False),
+        )
+        for results in loader:
+            for i, square, reason, decoded_key in results:
+                self._keep(keys[i], decoded_key or keys[i], square, reason)
+
+    def _keep(self, key: str, stored_key: str, square: torch.Tensor | None, reason: str | None) -> None:
+        first = self.jobs[key][0]
+        if stored_key != key:
+            logger.warning("%s changed while the cache was built; stored under its new content.", self.names[first])
+        if square is None:
+            self.failures.update((position, reason) for position in self.jobs[key])
+            if self.store is not None and not reason.startswith("DecompressionBombError"):  # a setting
+                self.store.write(stored_key, ".bad", reason.encode())
+            return
+        if self.store is not None:
+            data = square.numpy().tobytes()
+            self.store.write(stored_key, ".u8", data + hashlib.sha256(data).digest())
+        self.pixels[first] = square.numpy()
+        self.ok[first] = True
+
+    def finish(self) -> tuple[list[int], list[str]]:
+        """Copy each decoded square to the rows sharing its content; the readable rows, and the unreadable names."""
+        for positions in self.jobs.values():
+            if self.ok[positions[0]]:
+                for position in positions[1:]:
+                    self.pixels[position] = self.pixels[positions[0]]
+                    self.ok[position] = True
+        skipped: list[str] = []
+        for position in sorted(self.failures):  # in row order, each named once
+            if self.names[position] not in skipped:
+                skipped.append(self.names[position])
+                logger.warning("Skipping unreadable image %s (%s)", self.names[position], self.failures[position])
+        return np.flatnonzero(self.ok).tolist(), skipped

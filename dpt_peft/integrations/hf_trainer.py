@@ -104,7 +104,7 @@ class DPTTrainer(Trainer):
         return self.lr_scheduler
 
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
-        """Predictions are the logits (the other outputs, e.g. class features, have no batch dimension to gather)."""
+        """Predictions are the logits alone: compute_metrics gets one array (a plain Trainer gathers every output)."""
         ignore_keys = ignore_keys or NON_PREDICTION_OUTPUTS
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
