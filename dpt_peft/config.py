@@ -6,9 +6,11 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .adapter_files import AdapterFileError, check_config_matches_weights, read_config_json, read_local_adapter
 from .backbones import Backbone
@@ -69,8 +71,7 @@ class DPTConfig(PeftConfig):
         num_text_tokens (`int`, defaults to `16`):
             Number of learnable context vectors. Ignored when `text_init` is given (its token count is used).
         text_init (`str`, *optional*):
-            Phrase whose token embeddings initialize the context, e.g. `"a photo of a"`. `None`: random normal
-            with std `prompt_init_std`.
+            Phrase whose token embeddings initialize the context, e.g. `"a photo of a"`; `None`: N(0, prompt_init_std).
         class_token_position (`"end"`, `"middle"` or `"front"`, defaults to `"end"`):
             Where the class name sits relative to the context.
         class_specific_context (`bool`, defaults to `False`):
@@ -81,11 +82,10 @@ class DPTConfig(PeftConfig):
             Number of vision layers (from the first) that get deep prompts. `None`: every layer before the first
             class-aware layer, or every layer when class-aware prompts are off.
         class_aware (`bool`, defaults to `True`):
-            Class-aware visual prompts (CAVPT), built by cross-attention from the text features of each image's
-            top-K zero-shot classes to its tokens.
+            Class-aware visual prompts (CAVPT): cross-attention from the text features of each image's top-K
+            zero-shot classes to its tokens.
         class_aware_layer (`int`, *optional*):
-            First (0-based) vision layer with class-aware prompts; all later layers get them too. `None`: the last
-            layer, as in the reference.
+            First (0-based) vision layer with class-aware prompts, and all later ones; `None`: the last (reference).
         class_aware_top_k (`int`, defaults to `10`):
             Number of classes (hence class-aware prompts) per image; capped at the number of classes.
         class_aware_num_kv_tokens (`int`, defaults to `10`):
@@ -95,8 +95,7 @@ class DPTConfig(PeftConfig):
         class_aware_loss_weight (`float`, defaults to `0.3`):
             Weight of the auxiliary class-aware loss (0.3 in the authors' run script).
         zero_shot_template (`str`, defaults to `"a photo of a {}."`):
-            Hand-crafted prompt of the frozen zero-shot classifier that picks the top-K classes, and of the
-            general-knowledge-guidance loss.
+            Hand-crafted prompt of the frozen zero-shot classifier (top-K classes, guidance loss).
         prompt_init_std (`float`, defaults to `0.02`):
             Std of the normal initialization of random prompts.
         tokenizer_name_or_path (`str`, *optional*):
@@ -120,8 +119,7 @@ class DPTConfig(PeftConfig):
             first half for `"middle"`) are the same for every class, and causal attention makes their hidden states
             the same too: `"shared_prefix"` computes them once and lets each class's own tokens attend to them
             (exact; much cheaper with many classes). `"auto"` uses it whenever there is such a prefix; `"full"`
-            encodes every prompt whole, as the reference. The shared path ignores gradient checkpointing and layer
-            hooks of the text tower.
+            encodes every prompt whole (reference). The shared path ignores text-layer hooks and checkpointing.
         initialized_from (`list[str]`, *optional*):
             Recorded when `init_from` is applied at creation (which then becomes `None`), so that loading the saved
             adapter never reads the sources again. Leave it unset.
@@ -131,6 +129,8 @@ class DPTConfig(PeftConfig):
         base_model_family (`str`, *optional*):
             Recorded with the shape: the base model's family (`"clip"`, `"siglip"`); loading into a model of another
             family fails with an error naming this field. Leave it unset.
+        modules_to_save (`list[str]`, *optional*):
+            Accepted as PEFT's prompt-learning configs accept it, and refused unless empty: DPT keeps CLIP frozen.
     """
 
     class_names: ClassNames | None = field(
@@ -190,6 +190,7 @@ class DPTConfig(PeftConfig):
     text_hidden_size: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
     projection_dim: int | None = field(default=None, metadata={"help": "Recorded from the base model."})
     base_model_family: str | None = field(default=None, metadata={"help": "Recorded from the base model."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "PEFT's; DPT refuses any."})
 
     # PEFT's injection reads `target_modules`; DPT derives its targets from the prompt settings instead.
     target_modules = None
@@ -207,20 +208,27 @@ class DPTConfig(PeftConfig):
         return _saved_fields(read_config_json(path_json_file))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> DPTConfig:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, *, as_adapter: bool = False, **kwargs
+    ) -> DPTConfig:
         """PEFT's loader, with a saved adapter checked once before anything is built from it: the folder complete and
         each file read once with bounds (`adapter_files.read_local_adapter`), another method's adapter refused, types
         and ranges (as for any config), every size against the weights' header when the weights are on this machine
         (PEFT checks a Hub adapter's when it loads them), and `init_from` dropped: it was applied when the adapter was
         made and is recorded as `initialized_from`, so a downloaded config never makes the loader read other paths or
-        repos. `kwargs` are Hub download options (`revision`, `token`, ...), used for a Hub id."""
-        local = read_local_adapter(pretrained_model_name_or_path, subfolder)
-        where = str(pretrained_model_name_or_path if local is None else local.folder)
+        repos. `kwargs` are Hub download options (`revision`, `token`, ...), used for a Hub id. A config without
+        weights (`config.save_pretrained`) loads alone, as PEFT's do, unless `as_adapter` (dpt_peft's loaders)."""
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        weights = (folder / SAFETENSORS_WEIGHTS_NAME, folder / WEIGHTS_NAME)
+        config_only = not as_adapter and (folder / CONFIG_NAME).is_file() and not any(p.exists() for p in weights)
+        local = None if config_only else read_local_adapter(pretrained_model_name_or_path, subfolder)
+        raw_config = read_config_json(folder / CONFIG_NAME) if config_only else local and local.raw_config
+        where = str(folder if config_only else pretrained_model_name_or_path if local is None else local.folder)
         try:
-            if local is None:
+            if raw_config is None:
                 config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
             else:
-                config = cls.from_peft_type(**cls.check_kwargs(**_saved_fields(local.raw_config)))
+                config = cls.from_peft_type(**cls.check_kwargs(**_saved_fields(raw_config)))
         except ValueError as err:
             if isinstance(err, UserInputError):  # already names the file and the fix
                 raise
@@ -233,11 +241,9 @@ class DPTConfig(PeftConfig):
         if local is not None:
             check_config_matches_weights(config, local.shapes, where)
         if config.init_from:
+            note = "sources initialize an adapter when it is created, not when it is loaded."
             warnings.warn(
-                f"Ignoring init_from={config.init_from} in {pretrained_model_name_or_path}: sources initialize an "
-                "adapter when it is created, not when it is loaded.",
-                UserWarning,
-                stacklevel=2,
+                f"Ignoring init_from={config.init_from} in {pretrained_model_name_or_path}: {note}", stacklevel=2
             )
             config.init_from = None
         return config
@@ -256,7 +262,7 @@ class DPTConfig(PeftConfig):
         return [
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in inherited and f.name not in RECORDED_FIELDS and f.name != "class_names"
+            if f.name not in inherited and f.name not in (*RECORDED_FIELDS, "class_names", "modules_to_save")
         ]
 
     @property
@@ -330,6 +336,11 @@ class DPTConfig(PeftConfig):
             )
 
     def _validate(self) -> None:
+        if self.modules_to_save:
+            raise UserInputError(
+                f"modules_to_save={self.modules_to_save!r}: DPT trains only prompts and needs the base model frozen "
+                "(its zero-shot classifier picks the class-aware prompts); leave it unset, or use e.g. peft.LoraConfig."
+            )
         validate_class_names(self.class_names)
         self._validate_numbers()
         if self.learn_text_context and self.text_init is None and self.num_text_tokens < 1:

@@ -36,7 +36,7 @@ from .layer import (
 )
 from .losses import class_aware_cross_entropy, guidance_loss
 from .outputs import DPTOutput
-from .sources import recorded_name
+from .sources import fit_to_shipped_model, recorded_name
 from .transfer import copy_shared_tensors, shared_source_tensors
 from .utils.errors import UserInputError
 
@@ -76,6 +76,7 @@ class DPTModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Validate everything against the base model first, so a bad config leaves the CLIP untouched."""
         config: DPTConfig = self.peft_config[adapter_name]
+        fit_to_shipped_model(config, self.model.name_or_path)
         config.validate_for_model(self.backbone)
         tokenizer = self.label_spaces.load_tokenizer(config, self.model.name_or_path, self.backbone.display_name)
         prompt_format = self.backbone.prompt_format(tokenizer)
@@ -196,15 +197,16 @@ class DPTModel(BaseTuner):
         self.class_features.clear(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.check_adapter_names(adapter_name)
+        self.check_adapter_names(adapter_name, "does not exist")
         super().delete_adapter(adapter_name)
         self._forget(adapter_name)
 
-    def check_adapter_names(self, adapter_name: str | list[str]) -> None:
+    def check_adapter_names(self, adapter_name: str | list[str], peft_wording: str = "not found") -> None:
+        """An unknown adapter refused in PEFT's words (`Adapter x does not exist` to delete, `not found` to set)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise UserInputError(f"Unknown adapter {unknown[0]!r}; the adapters are {sorted(self.peft_config)}.")
+            raise UserInputError(f"Adapter {unknown[0]} {peft_wording}; the adapters are {sorted(self.peft_config)}.")
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         self.check_adapter_names(adapter_name)
@@ -217,6 +219,7 @@ class DPTModel(BaseTuner):
                 parent_name, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent_name), child, module.base_layer)
         self.class_features.clear()
+        vars(self.model).pop("peft_config", None)  # as PEFT's unload: wrapping it again must find no adapter config
         return self.model
 
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -23,6 +24,9 @@ CITATION = """@article{xing2023dpt,
   journal = {IEEE Transactions on Multimedia},
   year    = {2023}
 }"""
+# DPT's part of a card, so that saving into the same folder again replaces it and keeps whatever else the card says.
+SECTION_START = "<!-- dpt_peft: adapter section (rewritten on each save) -->"
+SECTION_END = "<!-- dpt_peft: end of adapter section -->"
 
 
 @dataclass
@@ -65,8 +69,18 @@ def _eval_results(info: ModelCardInfo) -> list[EvalResult] | None:
     ]
 
 
-def build_model_card(configs: dict[str, DPTConfig], info: ModelCardInfo) -> ModelCard:
-    """The card of a saved DPT model (one section per adapter)."""
+def build_model_card(
+    configs: dict[str, DPTConfig],
+    info: ModelCardInfo,
+    existing: ModelCard | None = None,
+    base_model_tags: Iterable[str] = (),
+) -> ModelCard:
+    """The card of a saved DPT model (one section per adapter), or `existing` updated as PEFT updates a card.
+
+    An existing card keeps its text and metadata: DPT's section (between `SECTION_START` and `SECTION_END`) is
+    replaced where an earlier save wrote it and appended otherwise; tags are merged (the card's, the base model's
+    `add_model_tags`, DPT's), `library_name` is `peft`, and the base model, metrics and data are DPT's when it knows
+    them."""
     first = next(iter(configs.values()))
     base_id, base_text = _base_model(first, info)
     data = ModelCardData(
@@ -78,7 +92,33 @@ def build_model_card(configs: dict[str, DPTConfig], info: ModelCardInfo) -> Mode
         datasets=[info.dataset] if info.dataset and "/" in info.dataset else None,
         model_name=f"DPT adapter of {base_id or 'CLIP'}",
         eval_results=_eval_results(info),
-    )
+    ).to_dict()
+    text = "\n".join([SECTION_START, _body(configs, info, base_id, base_text), SECTION_END]) + "\n"
+    if existing is not None:
+        data, text = _merged(existing, data, text)
+    data["tags"] = list(dict.fromkeys([*data.get("tags", []), *base_model_tags]))
+    return ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n\n{text}")
+
+
+def _merged(existing: ModelCard, ours: dict, section: str) -> tuple[dict, str]:
+    """An existing card's metadata and text with DPT's merged in (see `build_model_card`)."""
+    data = existing.data.to_dict()
+    tags = list(dict.fromkeys([*(data.get("tags") or []), *ours.pop("tags")]))
+    for key in ("license", "pipeline_tag", "model_name"):  # the card's own choice stays
+        if data.get(key):
+            ours.pop(key, None)
+    data.update(ours)
+    data["tags"] = tags
+    text = existing.text
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if 0 <= start < end:
+        text = text[:start] + section.rstrip("\n") + text[end + len(SECTION_END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    return data, text
+
+
+def _body(configs: dict[str, DPTConfig], info: ModelCardInfo, base_id: str | None, base_text: str) -> str:
     sections = [
         f"# DPT adapter of {base_text}",
         "",
@@ -96,7 +136,7 @@ def build_model_card(configs: dict[str, DPTConfig], info: ModelCardInfo) -> Mode
     for name, config in configs.items():
         sections += [_adapter_section(name, config, base_id), ""]
     sections += ["## Citation", "", "```bibtex", CITATION, "```"]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n")
+    return "\n".join(sections)
 
 
 def _training_data(info: ModelCardInfo) -> str:

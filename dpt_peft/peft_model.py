@@ -20,15 +20,18 @@ from typing import Any
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from peft import PeftModel, get_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .adapter_files import AdapterFileError
 from .backbones import Backbone
 from .class_prompts import TaskClasses
 from .layer import DPTLayer, ParameterKind
 from .model_card import ModelCardInfo, build_model_card
 from .outputs import DPTOutput
 from .utils.errors import InputTypeError, UserInputError
+from .utils.write_policy import plain_file_mode
 
 # Passed by generic training loops (transformers' Trainer among them); they do not change a DPT forward.
 IGNORED_FORWARD_ARGUMENTS = {"return_dict", "return_loss"}
@@ -210,10 +213,17 @@ class DPTPeftModel(PeftModel):
         model_card_info: ModelCardInfo | None = None,
         **kwargs,
     ) -> None:
-        """`PeftModel.save_pretrained`, refused for an unloaded model and for NaN or infinite prompt tensors (a
-        diverged training run), so a saved adapter always holds usable prompts. `model_card_info` (training data,
-        metrics, the base model's Hub id) goes into the model card written beside the adapter."""
+        """`PeftModel.save_pretrained`, refused for an unloaded model, for NaN or infinite prompt tensors (a
+        diverged training run) and for `safe_serialization=False` (a pickle, which dpt_peft never loads), so a saved
+        adapter can always be loaded and holds usable prompts. `model_card_info` (training data, metrics, the base
+        model's Hub id) goes into the model card written beside the adapter (a card already there is updated).
+        The weights file gets the mode a plain `open()` gives under the umask, as the config beside it."""
         self._check_not_unloaded("save the adapter")
+        if not safe_serialization:
+            raise UserInputError(
+                "safe_serialization=False would write adapter_model.bin, a pickle, which dpt_peft never loads (a "
+                "pickle can run code when loaded); drop the argument to save the adapter as safetensors."
+            )
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
                 continue  # PeftModel.save_pretrained names the unknown adapter
@@ -236,13 +246,19 @@ class DPTPeftModel(PeftModel):
             )
         finally:
             self._model_card_info = None
+        if kwargs.get("is_main_process", True):
+            for name in selected_adapters or list(self.peft_config):
+                folder = Path(save_directory, "" if name == "default" else name)  # where PEFT saves each adapter
+                weights = folder / SAFETENSORS_WEIGHTS_NAME
+                if weights.is_file():  # safetensors writes through a temporary file, created 0600
+                    os.chmod(weights, plain_file_mode())
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         self.base_model.check_adapter_names(adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.check_adapter_names(adapter_name)
+        self.base_model.check_adapter_names(adapter_name, "does not exist")
         super().delete_adapter(adapter_name)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
@@ -250,6 +266,12 @@ class DPTPeftModel(PeftModel):
         fails with a clear error and leaves no half-loaded adapter behind."""
         existed = adapter_name in self.peft_config
         try:
+            folder = Path(model_id, kwargs.get("subfolder") or "")
+            if folder.is_dir() and not (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+                raise AdapterFileError(  # a config alone loads as a config (DPTConfig.from_pretrained); never a pickle
+                    f"The adapter folder {str(folder)!r} holds no {SAFETENSORS_WEIGHTS_NAME}, so there are no prompts "
+                    "to load (dpt_peft loads only safetensors); give the folder save_pretrained wrote."
+                )
             result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except Exception as err:
             self._roll_back(adapter_name, existed)
@@ -346,6 +368,13 @@ class DPTPeftModel(PeftModel):
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Our card (`model_card.build_model_card`) instead of PEFT's template: the method, base model, classes,
-        training data, metrics and usage, with no placeholders; `save_pretrained(model_card_info=...)` fills it."""
+        training data, metrics and usage, with no placeholders; `save_pretrained(model_card_info=...)` fills it.
+
+        As PEFT's: a card already in `output_dir` is updated, not replaced (its text and metadata stay; DPT's section
+        is added, or replaced when it is there from an earlier save), and the base model's tags (`add_model_tags`)
+        join the card's."""
         info = getattr(self, "_model_card_info", None) or ModelCardInfo()
-        build_model_card(dict(self.peft_config), info).save(os.path.join(output_dir, "README.md"))
+        path = os.path.join(output_dir, "README.md")
+        existing = ModelCard.load(path) if os.path.isfile(path) else None
+        base_tags = getattr(self.get_base_model(), "model_tags", None) or []
+        build_model_card(dict(self.peft_config), info, existing=existing, base_model_tags=base_tags).save(path)

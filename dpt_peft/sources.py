@@ -13,6 +13,8 @@ layer above its own.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,12 @@ from .utils.errors import MissingInputError, UserInputError
 TOY_CLIP_ID = "dpt-peft/toy-clip"
 TOY_SIGLIP_ID = "dpt-peft/toy-siglip"
 _TOY = Path(__file__).resolve().parent / "toy"
+logger = logging.getLogger(__name__)
 SHIPPED_MODELS = {TOY_CLIP_ID: _TOY / "assets", TOY_SIGLIP_ID: _TOY / "siglip_assets"}
+# The DPTConfig values a shipped model needs where DPTConfig's defaults cannot fit it: the toy models' text context has
+# 16 positions, too few for 16 context tokens plus a class name. `fit_to_shipped_model` applies them to a new adapter
+# whose field is left at its default, in Python as on the command line.
+SHIPPED_MODEL_FITS = {TOY_CLIP_ID: {"num_text_tokens": 4}, TOY_SIGLIP_ID: {"num_text_tokens": 4}}
 REBUILT_BY = {TOY_CLIP_ID: "dpt_peft.toy.pretrain", TOY_SIGLIP_ID: "dpt_peft.toy.siglip"}  # `python -m` modules
 
 # Where each keyword of the base + adapter loader goes. Hub access applies to the adapter and to the base model;
@@ -64,6 +71,22 @@ def recorded_name(name_or_path: str | None) -> str | None:
             if os.path.isdir(name_or_path) and Path(name_or_path).resolve() == folder:
                 return model_id
     return name_or_path
+
+
+def fit_to_shipped_model(config: DPTConfig, model_name_or_path: str | None) -> None:
+    """`SHIPPED_MODEL_FITS` for the fields `config` leaves at DPTConfig's defaults, on a shipped model (a saved adapter
+    never holds such a default: it could not have been made on that model)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DPTConfig)}
+    for name, value in SHIPPED_MODEL_FITS.get(recorded_name(model_name_or_path) or "", {}).items():
+        if getattr(config, name) == defaults[name]:
+            logger.info(
+                "%s=%s on the shipped %s (the default %s does not fit it)",
+                name,
+                value,
+                model_name_or_path,
+                defaults[name],
+            )
+            setattr(config, name, value)
 
 
 def load_base_model(
@@ -139,7 +162,8 @@ def load_adapter_and_base(
     adapter_options = {name: kwargs.pop(name) for name in ADAPTER_KWARGS if name in kwargs}
     source = str(adapter)
     if config is None:
-        config = DPTConfig.from_pretrained(source, subfolder=adapter_options.get("subfolder"), revision=revision, **hub)
+        subfolder = adapter_options.get("subfolder")
+        config = DPTConfig.from_pretrained(source, subfolder=subfolder, revision=revision, as_adapter=True, **hub)
     name, base_revision = _base_model_source(config, model_name_or_path, source)
     if base_config is not None:
         kwargs["config"] = base_config

@@ -26,6 +26,7 @@ from .parsers import (
     data_check_parser,
     data_parser,
     evaluate_parser,
+    export_parser,
     predict_parser,
     visualize_parser,
 )
@@ -52,14 +53,16 @@ def train_main(argv: list[str] | None = None) -> dict:
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict:
-    """`dpt-peft evaluate`: the evaluation report (flags: `parsers.evaluate_parser`)."""
+    """`dpt-peft evaluate`: the evaluation report (flags: `parsers.evaluate_parser`). A CoOp dataset whose classes the
+    adapter did not learn is prompted with its own zero-shot template (`evaluation.target_template`), unless
+    --zero_shot_template names one."""
     from ..data.datasets import load_checked_split
-    from ..training.evaluation import EvaluationSpec, evaluate_adapter
+    from ..training.evaluation import EvaluationSpec, evaluate_adapter, target_template
 
     args = evaluate_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_writable_dir(args.output_dir, "--output_dir")  # before the data loads; evaluate_adapter checks its files
-    adapter_config = DPTConfig.from_pretrained(args.adapter)  # the one check of the adapter, before the data loads
+    adapter_config = DPTConfig.from_pretrained(args.adapter, as_adapter=True)  # the one check, before the data loads
 
     _, split, class_names = load_checked_split(
         args.dataset,
@@ -82,6 +85,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         base_to_new=args.base_to_new,
         base_classes=_comma_list(args.base_classes),
         new_classes=_comma_list(args.new_classes),
+        zero_shot_template=args.zero_shot_template or target_template(args.dataset, class_names, adapter_config),
         adapter_config=adapter_config,
     )
     report = evaluate_adapter(spec, args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
@@ -124,43 +128,60 @@ def visualize_main(argv: list[str] | None = None) -> list[str]:
     _check_positive(parser, args, "top_k")
     paths = expand_paths(args.images)
     figures = OutputFolder(args.output_dir)  # before any work: never an input photo or a PNG dpt_peft did not write
-    figures.check(_figure_names([str(path) for path in paths]), "--overwrite_output_dir", args.overwrite_output_dir)
+    names = dict(zip(map(str, paths), _figure_names([str(path) for path in paths])))  # fixed before any image is read
+    figures.check(names.values(), "--overwrite_output_dir", args.overwrite_output_dir, inputs=paths)
     model, processor = _adapted_model(args)
     if args.context:
         for position, nearest in enumerate(nearest_context_tokens(model)):
             print(f"context {position}: " + ", ".join(f"{token} ({score:.2f})" for token, score in nearest))
     written = []
-    predictions = predict(model, paths, top_k=args.top_k, processor=processor)
-    names = _figure_names([prediction.source for prediction in predictions])
-    for prediction, name in zip(predictions, names):
+    for prediction in predict(model, paths, top_k=args.top_k, processor=processor):
         image = open_rgb(prediction.source)
         maps = [class_aware_attention(model, image, label, processor=processor) for label in prediction.labels]
         title = ", ".join(f"{label} {100 * s:.0f}%" for label, s in zip(prediction.labels, prediction.scores))
-        written.append(str(figures.write(name, functools.partial(save_attention_figure, image, maps, title=title))))
+        draw = functools.partial(save_attention_figure, image, maps, title=title)
+        written.append(str(figures.write(names[prediction.source], draw)))
     print(f"{len(written)} figures written to {args.output_dir}")
     return written
 
 
-def ablation_main(argv: list[str] | None = None) -> dict:
-    """`dpt-peft ablation`: the results per method (flags: `parsers.ablation_parser`, then train's)."""
-    from ..experiments.ablation import check_report_target, report_paths, run_ablation, write_report
+def ablation_main(argv: list[str] | None = None) -> dict | list[str]:
+    """`dpt-peft ablation`: the results per method, or with --print_commands the train commands (flags:
+    `parsers.ablation_parser`, then train's)."""
+    from ..experiments.ablation import (
+        ablation_commands,
+        check_report_target,
+        method_results,
+        report_paths,
+        run_ablation,
+        write_report,
+    )
+    from ..experiments.executors import GridRunsFailed
 
     args, extra = ablation_parser().parse_known_args(argv)
     markdown, figure = report_paths(args.output_dir, args.docs_dir)
     check_writable_dir(args.output_dir, "--output_dir")  # the runs' folder, also when the reports go elsewhere
-    check_report_target(markdown, figure, args.overwrite_reports, "--docs_dir" if args.docs_dir else "--output_dir")
     options, config_options = parse_given_flags(extra)
-    results = run_ablation(args.output_dir, tuple(args.seeds), options, config_options)
+    if args.print_commands:
+        return _print_commands(ablation_commands(args.output_dir, tuple(args.seeds), options, config_options))
+    check_report_target(markdown, figure, args.overwrite_reports, "--docs_dir" if args.docs_dir else "--output_dir")
     command = " ".join(["dpt-peft ablation", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        results = run_ablation(args.output_dir, tuple(args.seeds), options, config_options, _executor(args))
+    except GridRunsFailed as failed:
+        if failed.finished:
+            write_report(method_results(failed.finished), markdown, figure, command, options, config_options)
+        raise
     write_report(results, markdown, figure, command, options, config_options)
     with open(markdown) as f:
         print(f.read())
     return results
 
 
-def benchmark_main(argv: list[str] | None = None) -> str:
-    """`dpt-peft benchmark`: the path of results.md (flags: `parsers.benchmark_parser`, then train's)."""
-    from ..experiments.benchmark import GridSpec, benchmark
+def benchmark_main(argv: list[str] | None = None) -> str | list[str]:
+    """`dpt-peft benchmark`: the path of results.md, or with --print_commands the train commands (flags:
+    `parsers.benchmark_parser`, then train's)."""
+    from ..experiments.benchmark import GridSpec, benchmark, benchmark_commands
 
     args, extra = benchmark_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -177,9 +198,40 @@ def benchmark_main(argv: list[str] | None = None) -> str:
         options=options,
         config_options=config_options,
     )
-    report = benchmark(grid, confidence_interval=args.confidence_interval, overwrite_reports=args.overwrite_reports)
+    if args.print_commands:
+        return _print_commands(benchmark_commands(grid))
+    report = benchmark(
+        grid,
+        executor=_executor(args),
+        confidence_interval=args.confidence_interval,
+        overwrite_reports=args.overwrite_reports,
+    )
     print(report.read_text())
     return str(report)
+
+
+def _executor(args: argparse.Namespace):
+    """The grid commands' --executor and its flags, as `ExecutorSpec`."""
+    from ..experiments.executors import ExecutorSpec
+
+    return ExecutorSpec(
+        kind=args.executor,
+        gpus=args.gpus,
+        max_parallel=args.max_parallel,
+        slurm_partition=args.slurm_partition,
+        slurm_time_min=args.slurm_time_min,
+        slurm_max_concurrent=args.slurm_max_concurrent,
+        slurm_sbatch=dict(args.slurm_sbatch or ()),
+    )
+
+
+def _print_commands(commands: list[str]) -> list[str]:
+    """--print_commands: one line per run still to train, then what completes the grid."""
+    print("\n".join(commands) or "Every run of the grid is trained: nothing to print.")
+    if commands:
+        print("# run them from this folder (paths as given), then the same grid command without --print_commands:")
+        print("# it evaluates and reports these runs, training nothing.")
+    return commands
 
 
 def data_main(argv: list[str] | None = None) -> bool:
@@ -194,11 +246,42 @@ def data_main(argv: list[str] | None = None) -> bool:
     return True
 
 
+def export_main(argv: list[str] | None = None) -> dict:
+    """`dpt-peft export`: what was written and how close it is to PyTorch (flags: `parsers.export_parser`)."""
+    from ..data.datasets import read_class_names
+    from ..integrations.export import export_adapter
+
+    args = export_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for exporter in ("torch.onnx", "onnxscript"):  # notes on ops they skip (torchvision's, constant folding)
+        logging.getLogger(exporter).setLevel(logging.ERROR)
+    class_names = read_class_names(args.class_names_file) if args.class_names_file else args.class_names
+    result = export_adapter(
+        args.adapter,
+        args.output_dir,
+        class_names=class_names,
+        model_name_or_path=args.model_name_or_path,
+        format=args.format,
+        dtype=args.dtype,
+        opset=args.opset,
+        output_image_embeds=args.output_image_embeds,
+        check_images=args.check_images,
+        overwrite_output_dir=args.overwrite_output_dir,
+    )
+    print(
+        f"{result.model_file} serves {len(result.class_names)} classes; on {result.num_images} images its logits "
+        f"differ from PyTorch's by at most {result.max_difference:.1e} of the logit scale (tolerance "
+        f"{result.tolerance:.0e}). Wrote {', '.join(result.files)} to {args.output_dir}; README.md says how to run it."
+    )
+    return {"model_file": str(result.model_file), "class_names": result.class_names, "files": result.files}
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("train", build_parser, train_main),
     Command("evaluate", evaluate_parser, evaluate_main),
     Command("predict", predict_parser, predict_main),
     Command("visualize", visualize_parser, visualize_main),
+    Command("export", export_parser, export_main),
     Command("ablation", ablation_parser, ablation_main),
     Command("benchmark", benchmark_parser, benchmark_main),
     Command("data", data_parser, data_main, {"check": data_check_parser}),

@@ -66,6 +66,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--new_classes", default=None, help="Comma-separated new class names (default: the classes not in base)."
     )
+    parser.add_argument(
+        "--zero_shot_template",
+        default=None,
+        help="Template of the frozen zero-shot classifier and the class-aware top-K, e.g. 'a photo of a {}.' "
+        "(default: a CoOp dataset's own when the adapter learned none of its classes, as the benchmark; else the "
+        "adapter's).",
+    )
     return parser
 
 
@@ -82,7 +89,11 @@ def _image_parser(command: str, description: str, top_k: int) -> argparse.Argume
 def predict_parser() -> argparse.ArgumentParser:
     parser = _image_parser("predict", PREDICT_DESCRIPTION, top_k=5)
     parser.add_argument("--output", default="predictions.jsonl", help="JSON lines: path, labels, probabilities.")
-    parser.add_argument("--overwrite_output", action="store_true", help="Replace an existing --output file.")
+    parser.add_argument(
+        "--overwrite_output",
+        action="store_true",
+        help="Replace an --output file that dpt_peft did not write (its own earlier predictions are always replaced).",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
     return parser
 
@@ -97,6 +108,69 @@ def visualize_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    """Where a grid's runs run (`experiments/executors.py`), for `ablation` and `benchmark`."""
+    from ..experiments.executors import EXECUTORS
+
+    group = parser.add_argument_group("executors (where the runs run)")
+    group.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="sequential",
+        help="sequential: one run after another here; local: one job per GPU (or --max_parallel CPU processes) of "
+        "this machine; slurm: a SLURM job array, one GPU per task (local and slurm: pip install 'dpt-peft[cluster]').",
+    )
+    group.add_argument(
+        "--gpus",
+        type=_gpu_list,
+        default=None,
+        metavar="IDS",
+        help="--executor local: the GPUs, one run on each at a time, e.g. 0,1,2,3 (default: every visible one).",
+    )
+    group.add_argument(
+        "--max_parallel", type=int, default=None, help="--executor local: at most this many runs at once (CPU: 1)."
+    )
+    group.add_argument("--slurm_partition", default=None, help="--executor slurm: the partition (default: SLURM's).")
+    group.add_argument(
+        "--slurm_time_min",
+        type=int,
+        default=None,
+        help="--executor slurm, required: each task's time limit in minutes; out of time, a task is requeued and "
+        "continues from its checkpoint.",
+    )
+    group.add_argument(
+        "--slurm_max_concurrent", type=int, default=None, help="--executor slurm: array tasks running at once."
+    )
+    group.add_argument(
+        "--slurm_sbatch",
+        nargs="+",
+        type=_sbatch_setting,
+        default=None,
+        metavar="KEY=VALUE",
+        help="--executor slurm: further sbatch settings, e.g. account=proj qos=high cpus-per-task=8 mem=64G.",
+    )
+    group.add_argument(
+        "--print_commands",
+        action="store_true",
+        help="Train nothing: print `dpt-peft train SETTINGS.json` for each run not yet trained (the settings go to "
+        "commands/ in the grid's folder); then run the same grid command to evaluate and report.",
+    )
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(entry) for entry in text.split(",") if entry.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give GPU indices separated by commas, e.g. 0,1,2,3") from None
+
+
+def _sbatch_setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give an sbatch setting as KEY=VALUE, e.g. account=proj")
+    return key.strip(), value
+
+
 def ablation_parser() -> argparse.ArgumentParser:
     parser = _parser("ablation", ABLATION_DESCRIPTION, passes_on_train_flags=True)
     parser.add_argument("--output_dir", default="outputs/ablation", help="Folder of the ablation's training runs.")
@@ -109,6 +183,7 @@ def ablation_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds of every method's runs (CoOp's)."
     )
+    _add_executor_flags(parser)
     return parser
 
 
@@ -134,6 +209,7 @@ def benchmark_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Replace results.md, results.csv and plots in --output_dir/<protocol> that dpt_peft did not write.",
     )
+    _add_executor_flags(parser)
     return parser
 
 
@@ -159,4 +235,39 @@ def data_check_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_root", required=True, help="Folder of the CoOp datasets (CoOp's DATASETS.md).")
     parser.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), help="Datasets to check.")
     parser.add_argument("--skip_missing_images", action="store_true", help="Report missing images as skipped.")
+    return parser
+
+
+EXPORT_DESCRIPTION = """Export an adapter for serving: model.onnx (or a torch.export program), pixel_values to logits.
+
+The class features are computed once and stored in the file, so serving needs no text tower and no dpt_peft, PEFT or
+transformers; another class list needs another export. The folder also gets the image processor's config,
+class_names.json and a README saying how to run it. After writing, the file is run (onnxruntime, or
+torch.export.load) on a few images at batch 1 and N, and the export is refused when its outputs differ from the
+adapter's PyTorch forward beyond the tolerance (1e-5 of the logit scale in fp32, 1e-2 in fp16). ONNX needs
+`pip install dpt-peft[export]`."""
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from ..integrations.export import DTYPES, FORMATS
+
+    parser = _parser("export", EXPORT_DESCRIPTION)
+    parser.add_argument("--adapter", required=True, help="Adapter directory or Hub id.")
+    parser.add_argument("--output_dir", required=True, help="Folder for the model file, its config and README.")
+    parser.add_argument("--model_name_or_path", default=None, help="Base model (default: the one the adapter records).")
+    classes = parser.add_mutually_exclusive_group()
+    classes.add_argument("--class_names", nargs="+", default=None, help="Classes to serve (default: the adapter's).")
+    classes.add_argument("--class_names_file", default=None, help="Classes to serve, one class name per line.")
+    parser.add_argument("--format", choices=list(FORMATS), default="onnx", help="ONNX, or a torch.export program.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="Precision of the weights inside.")
+    parser.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset, 18 or later (default: the torch exporter's)."
+    )
+    parser.add_argument("--output_image_embeds", action="store_true", help="Also output the image features.")
+    parser.add_argument(
+        "--check_images", nargs="+", default=None, help="Images to check the file on (default: 5 synthetic ones)."
+    )
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Replace files in --output_dir that dpt_peft did not write."
+    )
     return parser

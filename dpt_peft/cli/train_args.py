@@ -167,40 +167,79 @@ def add_train_fields(parser: argparse.ArgumentParser, names: dict[str, list[str]
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainArguments, dict]:
     """Training arguments, and the run's DPTConfig values: those given on the command line (or in a .json/.yaml file
-    given as the sole argument, as HfArgumentParser takes one) plus its dataset's."""
-    if argv and len(argv) == 1 and argv[0].endswith(CONFIG_FILE_SUFFIXES):
-        args, given = _parse_config_file(argv[0])
+    given as the first argument, as HfArgumentParser takes one, then flags that override it) plus its dataset's."""
+    if argv and not argv[0].startswith("-"):  # train takes no positional argument but a settings file
+        args, given = _parse_config_file(argv[0], argv[1:])
     else:
         args, given = build_parser().parse_train_args(argv)
     return args, args.config_overrides(given)
 
 
-def _parse_config_file(path: str) -> tuple[TrainArguments, dict]:
-    """`dpt-peft train run.yaml`: the file's keys are the flags' names (TrainingArguments' aliases, dashes too)."""
-    values = read_json(path, "train's settings", "give a mapping of flag names to values, e.g. `epochs: 10`.", True)
-    names = {
+SETTINGS_MAX_BYTES = 1 << 20  # a settings file is a few hundred bytes of flag names and values
+SETTINGS_FIX = "give a mapping of flag names to values, e.g. `epochs: 10`."
+
+
+def _parse_config_file(path: str, flags: list[str]) -> tuple[TrainArguments, dict]:
+    """`dpt-peft train run.yaml [flags]`: the file's keys are the flags' names (TrainingArguments' aliases, dashes
+    too), each value checked against its field's type (a value is never read as a flag); flags after the file
+    override it."""
+    if not path.lower().endswith(CONFIG_FILE_SUFFIXES):
+        raise UserInputError(
+            f"{path}: train takes flags, or a settings file ({', '.join(CONFIG_FILE_SUFFIXES)}) then flags; "
+            "`dpt-peft train --help` lists every flag."
+        )
+    values = read_json(path, "train's settings", SETTINGS_FIX, mapping=True, max_bytes=SETTINGS_MAX_BYTES)
+    aliases = {
         alias.lstrip("-"): f.name for f in dataclasses.fields(TrainArguments) for alias in f.metadata.get("aliases", ())
     }
-    values = {names.get(key.replace("-", "_"), key.replace("-", "_")): value for key, value in values.items()}
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainArguments)} - set(CONFIG_FLAGS))
-    if unknown:
-        raise UserInputError(f"{path}: unknown setting(s) {unknown}; `dpt-peft train --help` lists every flag.")
+    hints = {
+        **typing.get_type_hints(TrainArguments),
+        **{f.name: f.type for f in dataclasses.fields(DPTConfigOverrides)},
+    }
+    settings = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise UserInputError(f"{path}: the key {key!r} is not a flag name; {SETTINGS_FIX}")
+        name = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name not in hints:
+            raise UserInputError(f"{path}: unknown setting {key!r}; `dpt-peft train --help` lists every flag.")
+        if value is not None:  # null: the flag's default
+            settings[name] = checked_setting(value, hints[name], f"{path}: {key}")
+    settings.update(vars(build_parser(only_given=True).parse_args(flags)))
+    config = {name: settings.pop(name) for name in CONFIG_FLAGS if name in settings}
+    return TrainArguments(**settings), config
 
-    def text(value) -> str:
-        return str(value).lower() if isinstance(value, bool) else str(value)
 
-    argv = []  # the values as flags, so that the file's types are checked exactly as the command line's
-    for name, value in values.items():
-        if isinstance(value, list):
-            argv += [f"--{name}", *map(text, value)]
-        elif value is not None:
-            argv.append(f"--{name}={text(value)}")
-    parser = build_parser()
-    parser.exit_on_error = False  # a wrong type is named with the file, in one line
-    try:
-        return parser.parse_train_args(argv)
-    except argparse.ArgumentError as err:
-        raise UserInputError(f"{path}: {err}; `dpt-peft train --help` lists every flag and its type.") from err
+def checked_setting(value: object, hint: object, where: str) -> object:
+    """`value` from a settings file if it has the type `hint` (a float may be written as an int), else a one-line
+    refusal naming `where` and the type wanted."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)] if _is_union(hint) else [hint]
+    kind = options[0] if len(options) == 1 else hint
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise UserInputError(f"{where} is {value!r}, not a list; write it as [a, b].")
+        (item,) = typing.get_args(kind)
+        return [checked_setting(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typing.get_origin(kind) is typing.Literal:
+        if value not in typing.get_args(kind):
+            raise UserInputError(f"{where} is {value!r}; choose one of {list(typing.get_args(kind))}.")
+        return value
+    wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "a string (quoted)"}
+    valid = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }
+    if kind not in valid:
+        raise UserInputError(f"{where} cannot be set from a settings file; pass it as a flag.")
+    if not valid[kind]:
+        raise UserInputError(f"{where} is {value!r} ({type(value).__name__}); give {wanted[kind]}.")
+    return float(value) if kind is float else value
+
+
+def _is_union(hint: object) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def parse_given_flags(argv: list[str]) -> tuple[dict, dict]:

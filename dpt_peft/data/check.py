@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..utils.errors import MissingInputError
+from .batching import undecoded
 from .catalog import dataset_spec
 from .coop_readers import load_coop_dataset, missing_images
 
@@ -77,11 +78,18 @@ def check_dataset(name: str, data_root: str | os.PathLike, skip_missing_images: 
         check.problems.append(f"{error} ({get_it})")
         return check
     check.num_classes = len(next(iter(dataset.values())).features["label"].names)
+    folder = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(data_root))), dataset_spec(name).directory)
     for split, rows in dataset.items():
         check.images[split] = len(rows)
         check.missing_images[split] = missing_images(rows)
         if not len(rows):
             check.problems.append(f"its {split} split holds no image ({get_it}).")
+        outside = [path for path in _image_paths(rows) if not _inside(path, folder)]
+        if outside:
+            check.problems.append(
+                f"its {split} split lists {len(outside)} image(s) outside {folder}, such as {outside[0]}: a split "
+                f"file lists paths below the dataset's image folder, never absolute or with `..` ({get_it})."
+            )
     missing = sum(check.missing_images.values())
     if missing and not skip_missing_images:
         try:
@@ -95,6 +103,16 @@ def check_dataset(name: str, data_root: str | os.PathLike, skip_missing_images: 
             f"is scored, so the numbers are not the papers' ({get_it})."
         )
     return check
+
+
+def _image_paths(rows) -> list[str]:
+    return [value["path"] for value in undecoded(rows, "image")["image"]]
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` lies below `folder`, as written (a symbolic link to elsewhere, e.g. a dataset on another disk,
+    is fine; `..` and absolute paths in a split file are not)."""
+    return os.path.normpath(path).startswith(os.path.normpath(folder) + os.sep)
 
 
 def check_data(

@@ -253,8 +253,17 @@ _READERS = {
 
 def _read_lines(path: str) -> list[str]:
     """Stripped non-blank lines (CoOp strips each line; a stray blank line would otherwise become a class)."""
-    with open(path, encoding="utf-8") as file:
-        return [line.strip() for line in file if line.strip()]
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserInputError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} on line {line}); save it as UTF-8, as "
+            "CoOp's files are."
+        ) from err
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # universal newlines, as open() reads
+    return [line.strip() for line in lines if line.strip()]
 
 
 def _read_classnames(path: str) -> dict[str, str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
@@ -56,7 +58,9 @@ def load_image_dataset(name_or_path: str, seed: int = 0, data_root: str | None =
 
 
 def _load_imagefolder(path: str) -> DatasetDict:
-    """A local folder with one subfolder per class; a flat or one-class folder gets an error saying so."""
+    """A local folder with one subfolder per class; a flat or one-class folder, or a name that is not UTF-8, gets an
+    error saying so."""
+    _check_names_are_utf8(path)
     try:
         dataset = load_dataset("imagefolder", data_dir=path)
     except FileNotFoundError as err:  # datasets' "doesn't contain any data files"
@@ -80,6 +84,21 @@ def _load_imagefolder(path: str) -> DatasetDict:
             folder,
         )
     return dataset
+
+
+def _check_names_are_utf8(path: str) -> None:
+    """Every file and folder name under `path` is UTF-8 (`datasets` fails on others with a long traceback; a class
+    named by such a folder could not be written to the adapter's config either)."""
+    for root, folders, files in os.walk(path):
+        for name in (*folders, *files):
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes, kept by os.fsdecode as surrogates
+                shown = os.fsencode(os.path.join(root, name)).decode("utf-8", "backslashreplace")
+                raise UserInputError(
+                    f"--dataset {path}: the name {shown} is not valid UTF-8; rename it (e.g. `convmv -f latin1 -t "
+                    "utf8 -r --notest <folder>`), so that every class and image has a name that can be written."
+                ) from None
 
 
 def _empty_class_folders(path: str, class_names: set[str]) -> list[str]:
@@ -133,17 +152,30 @@ def check_columns(dataset: Dataset, image_column: str, label_column: str) -> Non
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
-    """Class names from a text file, one per line (blank lines ignored); a missing, binary or empty file is refused
-    naming it, before any model or data loads."""
+    """Class names from a UTF-8 text file, one per line (blank lines ignored, `\n` or `\r\n` ends a line); a missing,
+    binary or empty file, or a name with a control character (an escape, BEL, NUL, a lone `\r` that would split it),
+    is refused naming the file and line, before any model or data loads."""
     where = f"--class_names_file {os.fspath(path)}"
     fix = "give a UTF-8 text file with one class name per line."
     try:
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        reasons = {UnicodeDecodeError: "is not UTF-8 text", IsADirectoryError: "is a folder, not a file"}
-        reason = reasons.get(type(err), f"cannot be read ({getattr(err, 'strerror', err)})")
+        data = Path(path).read_bytes()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserInputError(f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); {fix}") from err
+    except OSError as err:
+        reason = "is a folder, not a file" if isinstance(err, IsADirectoryError) else f"cannot be read ({err.strerror})"
         raise UserInputError(f"{where} {reason}; {fix}") from err
+    names = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        name = line.strip()
+        control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+        if control is not None:
+            raise UserInputError(
+                f"{where}, line {number}: the class name {name!r} holds the control character {control!r}; {fix}"
+            )
+        if name:
+            names.append(name)
     if not names:
         raise UserInputError(f"{where} holds no class names; {fix}")
     return names

@@ -13,14 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 from datasets import Dataset
 from PIL import Image as PILImage
+from PIL import ImageFile as PILImageFile
 from torch.utils.data import DataLoader
 
+from ..utils.write_policy import TEMPORARY_PREFIX
 from .batching import INDEX_COLUMN, image_name, undecoded
 from .cache_dir import default_cache_dir
-from .images import DECODER_VERSION, UNREADABLE_IMAGE_ERRORS, UPSCALED_SHORT_SIDE, decode_image_value
+from .images import (
+    DECODER_VERSION,
+    UNREADABLE_IMAGE_ERRORS,
+    UPSCALED_SHORT_SIDE,
+    decode_image_value,
+    open_image_file,
+)
 from .loaders import loader_kwargs
 
 logger = logging.getLogger(__name__)
@@ -50,9 +59,16 @@ def to_cached_square(image: PILImage.Image, size: int) -> np.ndarray:
 
 
 def decoder_settings() -> str:
-    """What decides whether an image decodes: the decoder's version and the bomb guard's limits. The store is keyed
-    by it, so an image once found unreadable is tried again when these change."""
-    return f"d{DECODER_VERSION}-p{PILImage.MAX_IMAGE_PIXELS}-u{UPSCALED_SHORT_SIDE}"
+    """What decides whether an image decodes: the decoder's version, the bomb guard's limits, Pillow's version and
+    settings (`ImageFile.LOAD_TRUNCATED_IMAGES`) and the formats it can open (plugins such as pillow-heif register
+    more). The store is keyed by it, so an image once found unreadable is tried again when any of these change."""
+    PILImage.init()
+    plugins = hashlib.sha256(",".join(sorted(PILImage.OPEN)).encode()).hexdigest()[:8]
+    truncated = int(bool(PILImageFile.LOAD_TRUNCATED_IMAGES))
+    return (
+        f"d{DECODER_VERSION}-p{PILImage.MAX_IMAGE_PIXELS}-u{UPSCALED_SHORT_SIDE}-pil{PIL.__version__}-t{truncated}"
+        f"-f{plugins}"
+    )
 
 
 def _content_key(value) -> str:
@@ -66,7 +82,7 @@ def _content_key(value) -> str:
     if data:
         return hashlib.sha256(data).hexdigest()
     digest = hashlib.sha256()
-    with open(value["path"], "rb") as f:
+    with open_image_file(value["path"]) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -79,7 +95,7 @@ def _decode_square(source, size: int) -> tuple[torch.Tensor | None, str | None, 
     key = None
     try:
         if isinstance(source, dict) and not source.get("bytes"):
-            with open(source["path"], "rb") as f:
+            with open_image_file(source["path"]) as f:
                 source = {"bytes": f.read(), "path": source["path"]}
         if isinstance(source, dict):
             key = hashlib.sha256(source["bytes"]).hexdigest()
@@ -204,7 +220,7 @@ class _Store:
         if not self.writable:
             return
         path = self._path(key, suffix)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary.write_bytes(data)

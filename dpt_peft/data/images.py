@@ -3,14 +3,16 @@
 Every image is turned upright by its EXIF Orientation tag first, as `datasets` and transformers' `load_image` do: a
 phone photo then gives the same pixels as a path, as bytes, as a PIL image and as an upright copy. `convert("RGB")`
 alone clips 16-bit and 32-bit images to white and mishandles float images; they are scaled to
-8 bits here first. An image over PIL's decompression-bomb limit is unreadable like a corrupt file: callers skip
-it, log it by path and count it.
+8 bits here first. An image over PIL's decompression-bomb limit, or a path that is no regular file (a FIFO named
+`pipe.png` would block forever), is unreadable like a corrupt file: callers skip it, log it by path and count it.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -54,12 +56,25 @@ def check_upscaled_size(width: int, height: int) -> None:
         )
 
 
+def open_image_file(path: str | os.PathLike) -> BinaryIO:
+    """An image file opened for reading; `OSError` (unreadable) for anything but a regular file. Opened without
+    blocking, so a FIFO or a device is refused at once instead of read forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{os.fspath(path)} is not a regular file (a pipe, device or socket); only image files are read")
+    return os.fdopen(fd, "rb")
+
+
 def open_rgb(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
     """Decode a path, encoded bytes or a PIL image fully (so errors surface here, not later) to 8-bit RGB."""
     if isinstance(source, Image.Image):
         check_upscaled_size(*source.size)
         return to_rgb(source)
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+    with (
+        io.BytesIO(source) if isinstance(source, bytes) else open_image_file(source) as file,
+        Image.open(file) as image,
+    ):
         check_upscaled_size(*image.size)  # from the header, before the pixels are decoded
         image.load()
         return to_rgb(image)

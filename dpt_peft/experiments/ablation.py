@@ -1,18 +1,35 @@
-"""The paper's ablation on the embedded default: zero-shot, CoOp, VPT, VPT+CoOp and DPT over several seeds."""
+"""The paper's ablation on the embedded default: zero-shot, CoOp, VPT, VPT+CoOp and DPT over several seeds; its runs
+run in this process or as jobs (`executors.py`, `--executor`)."""
 
 from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Iterable
+from pathlib import Path
 
 from ..sources import TOY_CLIP_ID
 from ..training.arguments import SHIPPED_CONFIG_DEFAULTS
 from ..utils.plots import plot_ablation
 from ..utils.write_policy import OutputFolder, checked_file
-from .grid import GridRun, run_grid
+from .executors import ExecutorSpec, execute, train_commands
+from .grid import GridRun
 
 METHODS = ("coop", "vpt", "vpt_coop", "dpt")
 LABELS = {"zero_shot": "Zero-shot", "coop": "CoOp", "vpt": "VPT", "vpt_coop": "VPT+CoOp", "dpt": "DPT"}
+
+
+def ablation_runs(
+    output_dir: str, seeds: tuple[int, ...], options: dict | None = None, config_options: dict | None = None
+) -> list[GridRun]:
+    """Every method with every seed (same recipe, same few-shot sets), each in `output_dir`/<method>_seed<seed>."""
+    runs = []
+    for seed in seeds:
+        for method in METHODS:
+            run_dir = os.path.join(output_dir, f"{method}_seed{seed}")
+            fields = {"method": method, "seed": seed, "output_dir": run_dir, "report_to": "none"}
+            runs.append(GridRun.make(run_dir, fields, options or {}, config_options or {}))
+    return runs
 
 
 def run_ablation(
@@ -20,22 +37,31 @@ def run_ablation(
     seeds: tuple[int, ...] = (0, 1, 2),
     options: dict | None = None,
     config_options: dict | None = None,
+    executor: ExecutorSpec | None = None,
 ) -> dict:
-    """Train every method with every seed (same recipe, same few-shot sets); returns accuracies per method.
-    `options` (TrainArguments values) and `config_options` (DPTConfig values) apply to every run; finished runs are
-    read back, so an interrupted ablation continues."""
-    runs = []
-    for seed in seeds:
-        for method in METHODS:
-            run_dir = os.path.join(output_dir, f"{method}_seed{seed}")
-            fields = {"method": method, "seed": seed, "output_dir": run_dir, "report_to": "none"}
-            runs.append(GridRun.make(run_dir, fields, options or {}, config_options or {}))
+    """Train every method with every seed (here, or with `executor`); returns accuracies per method. `options`
+    (TrainArguments values) and `config_options` (DPTConfig values) apply to every run; finished runs are read back,
+    so an interrupted ablation continues. When runs failed, `GridRunsFailed` holds those that finished
+    (`method_results(failed.finished)`)."""
+    runs = ablation_runs(output_dir, seeds, options, config_options)
+    return method_results(zip(runs, execute(runs, executor or ExecutorSpec(), Path(output_dir))))
+
+
+def method_results(finished: Iterable[tuple[GridRun, dict]]) -> dict[str, list[float]]:
+    """Accuracies per method (zero-shot from the CoOp runs) of finished (run, metrics) pairs."""
     results: dict[str, list[float]] = {"zero_shot": []}
-    for run, metrics in zip(runs, run_grid(runs)):
+    for run, metrics in finished:
         results.setdefault(run.args.method, []).append(metrics["accuracy"])
         if run.args.method == METHODS[0]:
             results["zero_shot"].append(metrics["zero_shot_accuracy"])
-    return results
+    return {method: values for method, values in results.items() if values}
+
+
+def ablation_commands(
+    output_dir: str, seeds: tuple[int, ...], options: dict | None = None, config_options: dict | None = None
+) -> list[str]:
+    """`--print_commands`: a `dpt-peft train` command per run not yet trained (its settings written beside)."""
+    return train_commands(ablation_runs(output_dir, seeds, options, config_options), Path(output_dir))
 
 
 def summary_table(results: dict[str, list[float]]) -> str:

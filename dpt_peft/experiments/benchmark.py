@@ -9,7 +9,8 @@ Each run has its own directory holding its training run (`train/`: adapter, metr
 `result.json`, written last. A finished run is skipped; a killed one continues from its latest checkpoint, and a
 target it already evaluated (`eval/<target>/eval_metrics.json`) is read back, not evaluated again. Before the
 first run, every dataset the grid reads is checked (`data.check`): a missing folder or image fails in seconds.
-Transfer targets are scored with their own zero-shot template, as DPT builds its model per dataset.
+Transfer targets are scored with their own zero-shot template, as DPT builds its model per dataset. The runs run in
+this process, or spread over the GPUs of a node or a SLURM cluster (`executors.py`, `--executor`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ..data.coop_readers import load_coop_dataset, missing_images, prompt_class_
 from ..training.evaluation import EvaluationSpec, evaluate_adapter
 from ..utils.errors import UserInputError
 from .benchmark_report import aggregate, check_report_target, write_report
-from .grid import GridRun, read_result, run_grid
+from .executors import ExecutorSpec, GridRunsFailed, execute, train_commands
+from .grid import GridRun, read_result
 
 PROTOCOLS = ("few_shot", "base_to_new", "cross_dataset", "domain_generalization")
 SOURCE_DATASET = "imagenet"  # the source of the two transfer protocols
@@ -38,6 +40,7 @@ __all__ = [
     "GridSpec",
     "aggregate",
     "benchmark",
+    "benchmark_commands",
     "plan",
     "write_report",
 ]
@@ -122,22 +125,24 @@ class GridSpec:
         """The datasets an ImageNet adapter of a transfer protocol is scored on (none for the other protocols)."""
         return targets(self.protocol, self.datasets) if self.protocol in PROTOCOLS[2:] else []
 
+    @property
+    def folder(self) -> Path:
+        """The protocol's folder: its runs, reports, job logs and printed commands."""
+        return Path(self.output_dir) / self.protocol
 
-def run_protocol(grid: GridSpec) -> list[dict]:
-    """Check the data, then run (or skip, when finished) every run of the grid; returns their results."""
+
+def run_protocol(grid: GridSpec, executor: ExecutorSpec | None = None) -> list[dict]:
+    """Check the data, then run (or skip, when finished) every run of the grid, here or with `executor`; returns
+    their results (`GridRunsFailed` when some failed: the others' results with it)."""
+    return execute(checked_runs(grid), executor or ExecutorSpec(), grid.folder)
+
+
+def checked_runs(grid: GridSpec) -> list[GridRun]:
+    """The grid's runs, once every dataset they read is checked."""
     specs = grid.runs()
-    evaluation_targets = grid.evaluation_targets()
-    needed = list(dict.fromkeys([spec.dataset for spec in specs] + evaluation_targets))
+    needed = list(dict.fromkeys([spec.dataset for spec in specs] + grid.evaluation_targets()))
     require_data(grid.data_root, needed, grid.skip_missing_images)
-    runs = [_grid_run(grid, spec) for spec in specs]
-    by_label = dict(zip((run.label for run in runs), specs))
-
-    def finish(run: GridRun, metrics: dict) -> dict:
-        spec = by_label[run.label]
-        evaluation = Evaluation(spec, Path(run.args.output_dir), grid)
-        return {**asdict(spec), **evaluation.result(metrics, evaluation_targets)}
-
-    return run_grid(runs, finish)
+    return [_grid_run(grid, spec) for spec in specs]
 
 
 def _grid_run(grid: GridSpec, spec: RunSpec) -> GridRun:
@@ -156,16 +161,24 @@ def _grid_run(grid: GridSpec, spec: RunSpec) -> GridRun:
         fields["subsample_classes"] = "base"
     if grid.model_name_or_path:
         fields["model_name_or_path"] = grid.model_name_or_path
-    return GridRun.make(str(spec.relative_dir), fields, grid.options, grid.config_options, run_dir / RESULT_FILE)
+    finish = Evaluation(spec, run_dir / "train", grid)
+    return GridRun.make(
+        str(spec.relative_dir), fields, grid.options, grid.config_options, run_dir / RESULT_FILE, finish
+    )
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The evaluations of one trained run of `grid`: base-to-new on its own test set, or each transfer target."""
+    """The evaluations of one trained run of `grid`: base-to-new on its own test set, or each transfer target; the
+    run's `finish` step (`grid.RunFinish`), shipped with it to wherever it runs."""
 
     spec: RunSpec
     train_dir: Path
     grid: GridSpec
+
+    def __call__(self, run: GridRun, metrics: dict) -> dict:
+        """The run's result: its place in the grid and its numbers."""
+        return {**asdict(self.spec), **self.result(metrics, self.grid.evaluation_targets())}
 
     def result(self, metrics: dict, evaluation_targets: list[str]) -> dict:
         """The run's numbers, with the images skipped as unreadable or missing from disk in all it scored."""
@@ -215,9 +228,28 @@ def _counts(report: dict) -> dict[str, int]:
     return {"skipped_images": report.get("skipped_images", 0), "missing_images": report.get("missing_images", 0)}
 
 
-def benchmark(grid: GridSpec, *, confidence_interval: bool = False, overwrite_reports: bool = False) -> Path:
-    """Run the grid, aggregate it as CoOp/CoCoOp do and write the report; returns the path of results.md.
+def benchmark(
+    grid: GridSpec,
+    *,
+    executor: ExecutorSpec | None = None,
+    confidence_interval: bool = False,
+    overwrite_reports: bool = False,
+) -> Path:
+    """Run the grid (here, or with `executor`), aggregate it as CoOp/CoCoOp do and write the report; returns the path
+    of results.md. When runs failed, the report holds those that finished, then `GridRunsFailed` names the others.
     `overwrite_reports` (--overwrite_reports) replaces report files there that dpt_peft did not write."""
     check_report_target(grid.protocol, grid.output_dir, overwrite_reports)  # before the first run, not after the last
-    results = run_protocol(grid)
+    try:
+        results = run_protocol(grid, executor)
+    except GridRunsFailed as failed:
+        if failed.finished:
+            rows = aggregate(grid.protocol, [result for _, result in failed.finished])
+            write_report(grid.protocol, rows, grid.output_dir, confidence_interval)
+        raise
     return write_report(grid.protocol, aggregate(grid.protocol, results), grid.output_dir, confidence_interval)
+
+
+def benchmark_commands(grid: GridSpec) -> list[str]:
+    """`--print_commands`: a `dpt-peft train` command per run not yet trained (its settings written beside), once the
+    data is checked; the benchmark command, run again afterwards, evaluates and reports them."""
+    return train_commands(checked_runs(grid), grid.folder)

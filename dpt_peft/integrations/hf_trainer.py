@@ -8,10 +8,11 @@ evaluation, precision).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +34,13 @@ class TrainerCollator:
     def __call__(self, rows: list[dict]) -> dict | None:
         batch = self.collate(rows)
         return None if batch is None else {**batch, "return_loss": True}
+
+    def for_evaluation(self) -> TrainerCollator:
+        """This collate function without augmentation (what `DPTTrainer` evaluates and predicts with): an
+        `ImageBatcher` in training mode becomes one in evaluation mode; any other collate function is kept."""
+        if isinstance(self.collate, ImageBatcher) and self.collate.train:
+            return TrainerCollator(dataclasses.replace(self.collate, train=False))
+        return self
 
 
 class DPTImageCollator(TrainerCollator):
@@ -65,6 +73,9 @@ class DPTImageCollator(TrainerCollator):
             rows = [row if INDEX_COLUMN in row else {**row, INDEX_COLUMN: next(self._rows_seen)} for row in rows]
         return self.batcher(rows)
 
+    def for_evaluation(self) -> TrainerCollator:
+        return TrainerCollator(dataclasses.replace(self.batcher, train=False))
+
 
 class DPTTrainer(Trainer):
     """A `Trainer` for DPT adapters with the paper's recipe.
@@ -79,7 +90,9 @@ class DPTTrainer(Trainer):
             `data_collator` is wrapped in a `TrainerCollator`.
 
     Labels are found without `label_names` (a PEFT model hides our forward's `labels` from Trainer's signature
-    inspection), and `remove_unused_columns` is turned off: the collate function needs the image column.
+    inspection), and `remove_unused_columns` is turned off: the collate function needs the image column. Evaluation
+    and prediction never augment: one `DPTImageCollator(processor, augment=True)` (or an augmenting `ImageBatcher`)
+    serves training, and its non-augmenting twin (`for_evaluation`) the evaluation and test dataloaders.
     """
 
     def __init__(self, model, args: TrainingArguments, recipe: Recipe | None = None, **kwargs: Any) -> None:
@@ -91,6 +104,26 @@ class DPTTrainer(Trainer):
         if collator is not None and not isinstance(collator, TrainerCollator):
             kwargs["data_collator"] = TrainerCollator(collator)
         super().__init__(model=model, args=args, **kwargs)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._collating_for_evaluation():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._collating_for_evaluation():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _collating_for_evaluation(self) -> Iterator[None]:
+        """Trainer builds every dataloader from `self.data_collator`: the non-augmenting one, while an evaluation or
+        test dataloader is built."""
+        training = self.data_collator
+        if isinstance(training, TrainerCollator):
+            self.data_collator = training.for_evaluation()
+        try:
+            yield
+        finally:
+            self.data_collator = training
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:

@@ -1,8 +1,15 @@
 """Contrastive pre-training of the toy CLIP, and where its weights come from.
 
 The weights ship with the package (`dpt_peft/toy/assets/`, about 1.5 MB) so runs skip the ~3 minutes of
-pre-training; `python -m dpt_peft.toy.pretrain --output_dir DIR` rebuilds them deterministically. Loading goes
-through `dpt_peft.sources`, which maps the id `dpt-peft/toy-clip` to the shipped copy and never pre-trains.
+pre-training; `python -m dpt_peft.toy.pretrain --output_dir DIR` rebuilds them. Loading goes through
+`dpt_peft.sources`, which maps the id `dpt-peft/toy-clip` to the shipped copy and never pre-trains.
+
+What is reproducible: the same seed, torch version, thread count (`torch.get_num_threads()`, `OMP_NUM_THREADS`) and
+CPU give the same weights bit for bit (tests/toy/test_pretrain_reproducibility.py), with the shipped tokenizer (a
+freshly built one numbers some words differently, see `pretrain`). Another torch version, thread
+count or CPU sums floating-point numbers in another order; over 900 steps of AdamW the small differences grow, so a
+rebuild elsewhere gives other weights (every tensor differs) and other accuracies than the shipped copy, whose numbers
+are the ones the README states. To compare runs, use the shipped weights; a rebuild is a different toy model.
 """
 
 from __future__ import annotations
@@ -19,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from .shapes import IMAGE_SIZE, VOCABULARY, captions, render
-from .tokenizer import build_clip_tokenizer
+from .shapes import IMAGE_SIZE, captions, render
 
 ASSETS = Path(__file__).parent / "assets"
 # What adapters trained on the toy CLIP record as their base model: a name, not this machine's install path.
@@ -113,10 +119,14 @@ def train_on_shapes(
 
 
 def pretrain(output_dir: str | os.PathLike, steps: int = 900, batch_size: int = 256, seed: int = 0) -> Path:
-    """Pre-train the toy CLIP and save it (model, tokenizer, image processor) to `output_dir`."""
+    """Pre-train the toy CLIP and save it (model, tokenizer, image processor) to `output_dir`.
+
+    The shipped tokenizer is reused: `toy.tokenizer.build_clip_tokenizer` trains its BPE afresh, and the trainer
+    orders tied merges differently from one call to the next (Rust hash maps), so a rebuilt tokenizer gives some words
+    other ids, and the weights trained on them would differ from any other build's."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tokenizer = build_clip_tokenizer(VOCABULARY)
+    tokenizer = CLIPTokenizer.from_pretrained(ASSETS)
     model = CLIPModel(toy_clip_config(tokenizer))
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:

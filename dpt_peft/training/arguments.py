@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from ..config import DPTConfig
 from ..data.catalog import COOP_DATASETS
 from ..data.spec import DataSpec
-from ..sources import TOY_CLIP_ID, TOY_SIGLIP_ID
+from ..sources import SHIPPED_MODEL_FITS, TOY_CLIP_ID, TOY_SIGLIP_ID
 from ..utils.errors import InputTypeError, UserInputError
 from .recipe import Recipe, guidance_epochs_for
 
@@ -21,7 +24,7 @@ from .recipe import Recipe, guidance_epochs_for
 CONFIG_FLAGS = tuple(DPTConfig.user_field_names())
 # DPTConfig values of the toy CLIP where the paper's do not fit (any dataset): its text context has 16 positions, too
 # few for 16 context tokens plus a class name.
-TOY_CONFIG_DEFAULTS = {"num_text_tokens": 4}
+TOY_CONFIG_DEFAULTS = SHIPPED_MODEL_FITS[TOY_CLIP_ID]
 # Per shipped model. The toy SigLIP (same 16-position context) also takes 2 visual prompts per layer, not 10: with
 # no CLS token its 16 patch tokens are all it pools, and 10 random prompts beside them cost more than they learn
 # (toy-position, seed 1: zero-shot 83.7%, DPT 54.5% with 10 prompts, 73.8% with 4, 87.7% with 2).
@@ -153,7 +156,13 @@ class TrainArguments:
     skip_missing_images: bool = field(
         default=False, metadata={"help": "Leave out (and count) images a CoOp split lists but the disk lacks."}
     )
-    output_dir: str = field(default="outputs/dpt-toy", metadata={"help": "Adapter, metrics, plots, checkpoints."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adapter, metrics, plots, checkpoints; default: a folder per base model (outputs/dpt-toy for the "
+            "toy CLIP, outputs/dpt-toy-siglip for the toy SigLIP, outputs/dpt-<model name> for another)."
+        },
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a different run in output_dir."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint directory to continue from."}
@@ -199,6 +208,8 @@ class TrainArguments:
 
     def __post_init__(self) -> None:
         self._take_dataset_object()
+        if self.output_dir is None:  # each base model its own run folder: README's commands run one after another
+            self.output_dir = default_output_dir(self.model_name_or_path)
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
         self.report_to = [name.strip() for entry in self.report_to for name in entry.split(",") if name.strip()]
@@ -243,6 +254,15 @@ class TrainArguments:
             )
         if self.split_file and len(self.datasets) > 1:
             raise UserInputError("--split_file holds one dataset's split; it cannot be combined with several --tasks.")
+        if self.push_to_hub:
+            try:
+                validate_repo_id(self.hub_repo_id)
+            except HFValidationError as err:
+                flag = "--hub_model_id" if self.hub_model_id else "the --output_dir folder's name (--hub_model_id)"
+                raise UserInputError(
+                    f"--push_to_hub: {self.hub_repo_id!r}, {flag}, is not a valid Hub repo id ({err}); pass "
+                    "--hub_model_id your-name/repo-name."
+                ) from err
 
     def _take_dataset_object(self) -> None:
         """`dataset=` a `datasets.Dataset` (its train split) or `DatasetDict`: kept aside as the run's only task,
@@ -342,3 +362,12 @@ class TrainArguments:
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE}
         identity["dpt_config"] = {k: getattr(config, k) for k in ("class_names", *CONFIG_FLAGS)}
         return identity
+
+
+def default_output_dir(model_name_or_path: str | None) -> str:
+    """`outputs/dpt-toy` for the toy CLIP, `outputs/dpt-toy-siglip` for the toy SigLIP, else `outputs/dpt-<the
+    model's last name part>` (`openai/clip-vit-base-patch16` -> `outputs/dpt-clip-vit-base-patch16`)."""
+    name = model_name_or_path or TOY_CLIP_ID
+    if name == TOY_CLIP_ID:
+        return "outputs/dpt-toy"
+    return f"outputs/dpt-{Path(name.rstrip('/')).name or 'model'}"

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
+from ..utils.durable import sha256_of
 from ..utils.errors import UserInputError
-from ..utils.write_policy import sha256_of
 from .run_dir import first_difference
 from .run_layout import (
     CHECKPOINT_FORMAT,
@@ -127,7 +127,40 @@ def verify_checkpoint(path: Path) -> VerifiedCheckpoint:
         raise CheckpointError(
             f"{path / STATE_FILE} is not a valid trainer state ({type(err).__name__}: {err})."
         ) from err
+    _check_state_types(state, path / STATE_FILE)
     return VerifiedCheckpoint(path, files, state)
+
+
+def _is(kind: type, value: Any) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+# What each trainer-state value must be (RunState.to_dict), as a test and the words for a refusal.
+_STATE_TYPES = {
+    "epoch": (lambda v: _is(int, v) and v >= 0, "an epoch number (0 or more)"),
+    "global_step": (lambda v: _is(int, v) and v >= 0, "a step count (0 or more)"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of epoch records"),
+    "train_seconds": (lambda v: _is(int, v) or _is(float, v), "a number of seconds"),
+    "run": (lambda v: isinstance(v, dict), "the run's arguments (a mapping)"),
+    "train_images": (lambda v: _is(int, v), "an image count"),
+    "best_val_accuracy": (lambda v: v is None or _is(int, v) or _is(float, v), "an accuracy or null"),
+    "best_epoch": (lambda v: v is None or _is(int, v), "an epoch number or null"),
+    "accelerator_step": (lambda v: _is(int, v), "a step count"),
+}
+
+
+def _check_state_types(state: Any, path: Path) -> None:
+    """Every value of a trainer state has its type, so restoring never fails on one (a raw TypeError)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(state).__name__}, not a trainer state; resume from another checkpoint."
+        )
+    for key, (valid, what) in _STATE_TYPES.items():
+        if key in state and not valid(state[key]):
+            raise CheckpointError(
+                f"{path}: {key!r} is {state[key]!r}, not {what}; the checkpoint is damaged: resume from another "
+                "checkpoint (--resume_from_checkpoint latest skips a damaged newest one)."
+            )
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLike) -> VerifiedCheckpoint:

@@ -8,12 +8,11 @@ records the sha256 of every file (docs/reliability.md).
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from accelerate.utils import gather_object
 from peft import set_peft_model_state_dict
 from safetensors.torch import save as save_safetensors
 
-from ..utils.write_policy import fsync_dir, sha256_of
+from ..utils.durable import flush_tree, fsync_dir, sha256_of, write_failure
 from .checkpoint_files import CheckpointError, VerifiedCheckpoint
 from .run_dir import RunDir, on_main_process, write_file
 from .run_layout import (
@@ -122,10 +121,9 @@ class Checkpointer:
 
         def write() -> None:
             root.mkdir(parents=True, exist_ok=True)
-            for leftover in root.iterdir():  # of a run killed while writing
+            for leftover in root.iterdir():  # of a run killed while writing: recorded whole, removed as ours
                 if TEMPORARY_CHECKPOINT_DIR.fullmatch(leftover.name) and leftover.is_dir():
-                    shutil.rmtree(leftover)
-                    folder.forget(relative(leftover))
+                    folder.remove_owned(relative(leftover), damaged=True)
             try:
                 folder.record_dir(relative(partial))  # ours while half-written: --overwrite_output_dir removes it
                 folder.record_dir(relative(old))
@@ -144,33 +142,39 @@ class Checkpointer:
                     write_file(partial / SCALER_STATE, _to_json(accelerator.scaler.state_dict()))
                 trainer_state = {**state, "accelerator_step": accelerator.step, "run": identity}
                 write_file(partial / STATE_FILE, _to_json(trainer_state))
+                flush_tree(partial)  # the modes a plain write gives (a team reads the run), flushed
                 files = {
                     str(p.relative_to(partial).as_posix()): {"sha256": sha256_of(p), "size": p.stat().st_size}
                     for p in sorted(partial.rglob("*"))
                     if p.is_file()
                 }
-                manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "files": files}
-                write_file(partial / MANIFEST, _to_json(manifest))
+                manifest = _to_json({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "files": files})
+                write_file(partial / MANIFEST, manifest)
                 fsync_dir(partial)
                 if final.exists():
                     os.replace(final, old)
+                # Each file recorded by its final name before it has it: the run's from the moment it appears there,
+                # never a file of unknown origin after a kill (the checks would refuse the resume).
+                hashes = {name: entry["sha256"] for name, entry in files.items()}
+                hashes[MANIFEST] = hashlib.sha256(manifest).hexdigest()
+                folder.record_hashes({relative(final / name): sha for name, sha in hashes.items()}, relative(final))
                 os.replace(partial, final)
                 fsync_dir(root)
                 folder.forget(relative(partial))
-                folder.record_dir(relative(final))  # its own manifest holds each file's sha256, checked on loading
             except Exception as err:
-                shutil.rmtree(partial, ignore_errors=True)
+                folder.remove_owned(relative(partial))
                 if old.exists() and not final.exists():
                     os.replace(old, final)
-                failure = _write_error(err, final, output_dir)
+                    folder.record([relative(final)])
+                failure = _write_error(err, final, self.run_dir)
                 if failure is None:
                     raise
                 raise failure from err
-            shutil.rmtree(old, ignore_errors=True)
-            folder.forget(relative(old))
+            folder.remove_owned(relative(old), damaged=True)
             for stale in checkpoint_dirs(output_dir)[: -self.keep]:
-                shutil.rmtree(stale)
-                folder.forget(relative(stale))
+                folder.remove_owned(relative(stale), damaged=True)  # a file dpt_peft did not write stays
+                if stale.exists():
+                    logger.warning("Kept %s: it holds files dpt_peft did not write (%s).", stale, list(stale.iterdir()))
 
         on_main_process(accelerator, write)
 
@@ -195,27 +199,20 @@ class Checkpointer:
         accelerator.step = int(checkpoint.state.get("accelerator_step", 0))
 
 
-def _write_error(err: Exception, final: Path, output_dir: Path) -> OSError | None:
-    """The error to raise when writing checkpoint `final` failed with `err` (None: re-raise `err`)."""
-    code = err.errno if isinstance(err, OSError) else None
-    if code is None and "os error 28" in str(err):  # safetensors' (Rust) error for a full disk
-        code = errno.ENOSPC
-    if not isinstance(err, OSError) and code is None:
-        return None
-    intact = [p.name for p in checkpoint_dirs(output_dir)]
-    kept = f"the earlier checkpoints ({', '.join(intact)}) are intact" if intact else "no checkpoint was written"
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        message = (
-            f"No space left to write checkpoint {final} in {final.parent}: {err}. Nothing of it was kept and {kept}; "
-            "free space on that disk (or lower --checkpoints_to_keep) and continue with --resume_from_checkpoint "
-            "latest."
-        )
-    else:
-        message = (
-            f"Could not write checkpoint {final} in {final.parent}: {err}. Nothing of it was kept and {kept}; fix the "
-            "cause and continue with --resume_from_checkpoint latest."
-        )
-    return OSError(code, message) if code is not None else OSError(message)
+def _write_error(err: Exception, final: Path, run_dir: RunDir) -> OSError | None:
+    """The error to raise when writing checkpoint `final` failed with `err` (None: re-raise `err`): a full disk is
+    one line, naming what is intact and the flag that continues (`RunDir.continue_advice`)."""
+    intact = [p.name for p in checkpoint_dirs(run_dir.path)]
+    kept = f"the earlier checkpoints ({', '.join(intact)}) are intact" if intact else "there is no earlier checkpoint"
+    fix = f"{kept}; free space on that disk (or lower --checkpoints_to_keep), then {run_dir.continue_advice()}"
+    failure = write_failure(err, final, fix)
+    if failure is not None or not isinstance(err, OSError):
+        return failure
+    return OSError(
+        err.errno,
+        f"Could not write checkpoint {final}: {err}. Nothing of it was kept and {kept}; fix the "
+        f"cause, then {run_dir.continue_advice()}",
+    )
 
 
 def _restore_optimizer(checkpoint: VerifiedCheckpoint, optimizer: torch.optim.Optimizer) -> None:

@@ -6,7 +6,7 @@ eval_metrics.json and the per-class PNG; `evaluate_adapter` is the three in orde
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import evaluate as hf_evaluate
 import numpy as np
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..class_names import display_names
 from ..config import DPTConfig
 from ..data.batching import ReportingImageBatcher, SkipCounter, undecoded
+from ..data.catalog import COOP_DATASETS
 from ..data.coop_readers import missing_images
 from ..data.coop_splits import base_new_labels, keep_classes
 from ..data.loaders import EvalLoader
@@ -158,13 +159,14 @@ def evaluate(spec: EvaluationSpec) -> dict:
     """The report of `spec`: the adapter's `SplitMetrics` on the split, the images missing from disk, and with
     `spec.splits_classes` base, new and harmonic-mean accuracy ("base_to_new"). The zero-shot template given replaces
     the adapter's for the zero-shot classifier and the CAVPT top-K."""
+    config = spec.adapter_config or DPTConfig.from_pretrained(spec.adapter)
+    check_evaluation(spec, config)  # every refusal the adapter and the spec decide, before the model loads
     accelerator = Accelerator()
     model, processor = load_adapted_model(
-        spec.adapter, spec.model_name_or_path, device=accelerator.device, config=spec.adapter_config
+        spec.adapter, spec.model_name_or_path, device=accelerator.device, config=config
     )
     model = accelerator.prepare(model)
     peft_model = accelerator.unwrap_model(model)
-    trained_classes = peft_model.class_names()
     split = undecoded(spec.split, spec.image_column)
     batcher = ReportingImageBatcher(processor, spec.image_column, spec.label_column)
     skips = SkipCounter()
@@ -184,25 +186,48 @@ def evaluate(spec: EvaluationSpec) -> dict:
         "missing_images": missing_images(split),
     }
     if spec.splits_classes:
-        report["base_to_new"] = _base_to_new(spec, split, trained_classes, score)
+        report["base_to_new"] = _base_to_new(spec, split, score)
     return report
 
 
-def _base_to_new(
-    spec: EvaluationSpec,
-    split: Dataset,
-    trained_classes: list[str],
-    score: Callable[[Dataset, list[str]], SplitMetrics],
-) -> dict:
-    """Base and new accuracy, each on its classes only (relabelled), and their harmonic mean (CoCoOp)."""
-    base, new = base_new_labels(spec.class_names, spec.base_classes, spec.new_classes)
-    seen = sorted(set(trained_classes) & {spec.class_names[label] for label in new})
+def target_template(dataset: str, class_names: list[str], config: DPTConfig) -> str | None:
+    """The zero-shot template to score `config`'s adapter on `dataset`: a CoOp dataset's own when the adapter learned
+    none of its classes (a cross-dataset target, as the benchmark scores one), else None (the adapter's own: its
+    dataset, or base-to-new halves of it)."""
+    trained = {name for names in config.tasks.values() for name in names}
+    spec = COOP_DATASETS.get(dataset)
+    return spec.template if spec is not None and not trained & set(class_names) else None
+
+
+def check_evaluation(spec: EvaluationSpec, config: DPTConfig) -> None:
+    """The refusals that the adapter's config and the spec decide, made before the model loads or an image is read:
+    the zero-shot template, the class counts a class-specific context can serve, and base-to-new with an adapter
+    that was trained on some of the 'new' classes."""
+    if spec.zero_shot_template is not None:
+        replace(config, zero_shot_template=spec.zero_shot_template)  # the config's own check names the field
+    trained = [name for names in config.tasks.values() for name in names]
+    base, new = (
+        base_new_labels(spec.class_names, spec.base_classes, spec.new_classes) if spec.splits_classes else ([], [])
+    )
+    counts = {len(spec.class_names), *(len(labels) for labels in (base, new) if labels)}
+    if config.class_specific_context and counts != {len(trained)}:
+        raise UserInputError(
+            f"class_specific_context=True learned one context per class for {len(trained)} classes; it cannot serve "
+            f"{sorted(counts - {len(trained)})[0]}. Evaluate it on as many classes as it was trained on, without "
+            "base/new halves."
+        )
+    seen = sorted(set(trained) & {spec.class_names[label] for label in new})
     if seen:
         raise UserInputError(
             f"The adapter was trained on {len(seen)} of the 'new' classes (e.g. {seen[0]!r}), so their accuracy "
             "would not measure generalization to unseen classes. Evaluate base-to-new with an adapter trained "
             "on the base classes only (train with --subsample_classes base), or name them with --new_classes."
         )
+
+
+def _base_to_new(spec: EvaluationSpec, split: Dataset, score: Callable[[Dataset, list[str]], SplitMetrics]) -> dict:
+    """Base and new accuracy, each on its classes only (relabelled), and their harmonic mean (CoCoOp)."""
+    base, new = base_new_labels(spec.class_names, spec.base_classes, spec.new_classes)
     base_metrics, new_metrics = (
         score(keep_classes(split, labels, spec.label_column), [spec.class_names[label] for label in labels])
         for labels in (base, new)

@@ -39,12 +39,8 @@ def validate(run: Run, epoch: int) -> float:
     state = run.state
     if state.best_val_accuracy is None or accuracy > state.best_val_accuracy:
         state.best_val_accuracy, state.best_epoch = accuracy, epoch
-        if run.args.save_best:
-            unwrapped = run.accelerator.unwrap_model(run.model)
-            best = run.run_dir.path / BEST_ADAPTER_DIR
-            unwrapped.save_pretrained(best, is_main_process=run.accelerator.is_main_process)
-            if run.accelerator.is_main_process:
-                run.run_dir.folder.record([BEST_ADAPTER_DIR])
+        if run.args.save_best and run.accelerator.is_main_process:  # whole or not at all (docs/reliability.md 13)
+            run.run_dir.write_folder(BEST_ADAPTER_DIR, run.accelerator.unwrap_model(run.model).save_pretrained)
     return accuracy
 
 
@@ -53,9 +49,8 @@ def load_best_adapter(run: Run) -> None:
     the best validation epoch's prompts (best_adapter/) back into the model for the test and the final adapter."""
     accelerator, output_dir = run.accelerator, run.run_dir.path
     unwrapped = accelerator.unwrap_model(run.model)
-    unwrapped.save_pretrained(output_dir / LAST_ADAPTER_DIR, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
-        run.run_dir.folder.record([LAST_ADAPTER_DIR])
+        run.run_dir.write_folder(LAST_ADAPTER_DIR, unwrapped.save_pretrained)
     accelerator.wait_for_everyone()  # best_adapter/ was written by the main process
     best = load_file(output_dir / BEST_ADAPTER_DIR / SAFETENSORS_WEIGHTS_NAME)
     set_peft_model_state_dict(unwrapped, best, adapter_name=unwrapped.active_adapter)
@@ -127,13 +122,10 @@ def write_run_reports(run: Run, metrics: dict, wall_time: float) -> None:
     output_dir = run.run_dir.path
     unwrapped = accelerator.unwrap_model(run.model)
     card = ModelCardInfo(args.base_model_id, ",".join(args.datasets), args.shots, metrics)
-    unwrapped.save_pretrained(
-        output_dir / ADAPTER_DIR, is_main_process=accelerator.is_main_process, model_card_info=card
-    )
     if not accelerator.is_main_process:
         return
+    run.run_dir.write_folder(ADAPTER_DIR, lambda folder: unwrapped.save_pretrained(folder, model_card_info=card))
     folder = run.run_dir.folder  # atomic writes, each recorded as the run's (docs/reliability.md)
-    folder.record([ADAPTER_DIR])
     folder.write_json(HISTORY_FILE, state.history)
     folder.write(CURVE_FILE, lambda temporary: plot_training_curve(state.history, str(temporary)))
     folder.write_json(METRICS_FILE, metrics)
@@ -143,5 +135,3 @@ def write_run_reports(run: Run, metrics: dict, wall_time: float) -> None:
         f"{f', mean of {len(run.tasks)} tasks' if run.multitask else ''}, {wall_time:.0f}s)  written to "
         f"{output_dir}"
     )
-    if args.push_to_hub:
-        unwrapped.push_to_hub(args.hub_repo_id)

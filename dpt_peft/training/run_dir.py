@@ -22,6 +22,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from ..utils.durable import sha256_of
 from ..utils.write_policy import (
     MANIFEST_FILE,
     OutputFolder,
@@ -30,7 +31,7 @@ from ..utils.write_policy import (
     check_writable_dir,
     read_json,
 )
-from .run_layout import LOCK_FILE, RUN_FILE
+from .run_layout import CHECKPOINTS, LOCK_FILE, MANIFEST, RUN_FILE, checkpoint_dirs, continue_options
 from .run_lock import RunLock, check_lock
 
 logger = logging.getLogger(__name__)
@@ -43,23 +44,48 @@ def normalized(value) -> object:
 
 # Where the run is, not what it is: a run resumes from ./run, its absolute path, or after its folder was moved.
 LOCATION_KEYS = ("output_dir",)
+# Arguments that may name local paths: `imgf`, `./imgf` and `imgf/` (or two spellings of one folder) are one path.
+PATH_KEYS = ("dataset", "data_root", "split_file", "class_names_file", "model_name_or_path", "tokenizer_name_or_path")
 DATA_KEY = "data_fingerprint"  # few_shot.data_fingerprint of the run's training images
 
 
+def _same_value(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    if os.path.normpath(old) == os.path.normpath(new):
+        return True
+    return os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new)
+
+
 def first_difference(old: Any, new: dict) -> str | None:
-    """The first argument in which two run identities differ (the location aside), or None when they are one run."""
+    """How two run identities differ (the location, and the spelling of a path, aside): every differing argument, a
+    nested one (the config) by its differing keys only, or None when they are one run."""
     if not isinstance(old, dict):
         return f"the recorded arguments are {type(old).__name__}, not a mapping"
     keys = sorted((set(old) | set(new)) - set(LOCATION_KEYS) - {DATA_KEY})
-    for key in keys:
-        if old.get(key) != new.get(key):
-            return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    differences = [line for key in keys for line in _differences(key, old.get(key), new.get(key))]
+    if differences:
+        more = f"; and {len(differences) - MAX_SHOWN} more" if len(differences) > MAX_SHOWN else ""
+        return "; ".join(differences[:MAX_SHOWN]) + more
     if old.get(DATA_KEY) != new.get(DATA_KEY):  # the arguments alone: a cause the user can see comes first
         return (
             f"{DATA_KEY}: the training images changed or were relabelled (files added, removed, moved between "
             "classes or modified)"
         )
     return None
+
+
+MAX_SHOWN = 5  # differing keys named in a refusal
+
+
+def _differences(name: str, old: Any, new: Any) -> list[str]:
+    """`name: old -> new` for each differing leaf; two mappings (the config) compare key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [line for key in keys for line in _differences(f"{name}.{key}", old.get(key), new.get(key))]
+    return [] if _same_value(name.rpartition(".")[2], old, new) else [f"{name}: {old!r} -> {new!r}"]
 
 
 def check_run_flags(
@@ -82,12 +108,36 @@ def own_entries(output_dir: Path) -> tuple[list[str], list[str]]:
     """The files under `output_dir` that dpt_peft wrote (recorded, unchanged) and the paths of everything else;
     the lock file and the manifests count as neither."""
     folder = OutputFolder(output_dir)
-    # run.json is read and compared whole: when it changed since written (truncated), the checks below name it.
-    mine = {LOCK_FILE, RUN_FILE} if folder.recorded(RUN_FILE) else {LOCK_FILE}
-    foreign = [p for p in folder.unowned() if p not in mine]
+    # run.json is read and compared whole, a checkpoint verified by its own manifest: when one of their files changed
+    # since written (truncated, corrupt), those checks name it, and it is the run's to replace.
+    mine = {LOCK_FILE, RUN_FILE} if folder.recorded(RUN_FILE) else {LOCK_FILE, *self_recorded(output_dir)}
+    damaged = [p for p in folder.unowned(CHECKPOINTS) if folder.recorded(p)]
+    foreign = [p for p in folder.unowned() if p not in mine and p not in damaged]
     files = [p.relative_to(output_dir).as_posix() for p in sorted(output_dir.rglob("*")) if p.is_file()]
     own = [p for p in files if Path(p).name not in (LOCK_FILE, MANIFEST_FILE) and p not in foreign]
     return own, foreign
+
+
+def self_recorded(output_dir: Path) -> list[str]:
+    """Where the folder's manifest is missing (`cp -r run/*` skips hidden files), the files that still prove to be
+    the run's by its own records: run.json (compared whole with the run's arguments) and each checkpoint file whose
+    sha256 its checkpoint's manifest records. A resume or --overwrite_output_dir records them again (`RunDir`)."""
+    if (output_dir / MANIFEST_FILE).exists() or not (output_dir / RUN_FILE).is_file():
+        return []
+    found = [RUN_FILE]
+    for checkpoint in checkpoint_dirs(output_dir):
+        try:
+            files = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))["files"]
+            listed = {name: entry["sha256"] for name, entry in files.items() if ".." not in Path(name).parts}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        verified = [
+            name
+            for name, sha in listed.items()
+            if (checkpoint / name).is_file() and sha256_of(checkpoint / name) == sha
+        ]
+        found += [(checkpoint / name).relative_to(output_dir).as_posix() for name in [MANIFEST, *verified]]
+    return found
 
 
 def check_output_dir(
@@ -111,9 +161,10 @@ def check_output_dir(
             )
         else:
             holds, fix = "is not empty and holds no dpt_peft run:", "choose another --output_dir (a new or empty one)"
+        why = OutputFolder(output_dir).manifest_problem()
         raise OutputRefused(
-            f"--output_dir {output_dir} {holds} {foreign[0]!r}{more}, which dpt_peft did not write. dpt_peft never "
-            f"deletes, or writes among, files it did not write: {fix}."
+            f"--output_dir {output_dir} {holds} {foreign[0]!r}{more}, which dpt_peft did not write"
+            f"{f' ({why})' if why else ''}. dpt_peft never deletes, or writes among, files it did not write: {fix}."
         )
     run_file = output_dir / RUN_FILE
     if resume:
@@ -208,6 +259,18 @@ class RunDir:
         if self.lock is not None:
             self.lock.release()
 
+    def continue_advice(self) -> str:
+        """How to go on after a failure once the directory is open: the flag that continues this run."""
+        if continue_options(self.path).get("resume_from_checkpoint"):
+            return "continue with --resume_from_checkpoint latest."
+        return "train again with --overwrite_output_dir (no checkpoint was written; it removes only this run's files)."
+
+    def write_folder(self, relative: str, save: Callable[[Path], None]) -> Path:
+        """A folder a library writes (`save_pretrained` of the adapters) into the run, replaced whole and recorded
+        (`OutputFolder.write_folder`): a kill leaves files the checks know as the run's, so the run resumes; a full
+        disk leaves the previous folder and says how to continue."""
+        return self.folder.write_folder(relative, save, f"free space on that disk, then {self.continue_advice()}")
+
     def _check(self, identity: dict, holding_lock: bool = False) -> None:
         check_output_dir(self.path, identity, resume=self.resume, overwrite=self.overwrite, holding_lock=holding_lock)
 
@@ -217,10 +280,12 @@ class RunDir:
         lock = RunLock.acquire(self.path)
         try:
             self._check(identity, holding_lock=True)  # unchanged since the first check?
+            self.folder.remove_temporaries()  # of a killed run: ours by their names, and no one else writes here now
+            self.folder.record(self_recorded(self.path))  # a run copied without its manifest: recorded again
             if self.overwrite:
                 if self.folder.recorded(RUN_FILE):  # also when damaged since
                     (self.path / RUN_FILE).unlink(missing_ok=True)
-                for removed in self.folder.remove_owned():
+                for removed in [*self.folder.remove_owned(CHECKPOINTS, damaged=True), *self.folder.remove_owned()]:
                     logger.info("--overwrite_output_dir: removed %s", self.path / removed)
             if not (self.path / RUN_FILE).exists():
                 self.folder.write_json(RUN_FILE, identity)

@@ -9,6 +9,8 @@ time and a corrected retry finds the directory as it was; a failure after it rel
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 
@@ -35,6 +37,8 @@ from .recipe import Recipe, build_optimizer, build_scheduler
 from .run_dir import RunDir, check_run_flags, normalized
 from .run_layout import SPLITS_DIR, TRACKER_DIR
 from .run_state import Run, RunState
+
+logger = logging.getLogger(__name__)
 
 
 def setup(args: TrainArguments, config_overrides: dict) -> Run:
@@ -112,8 +116,9 @@ def check_launcher() -> None:
 
 
 def make_accelerator(args: TrainArguments) -> Accelerator:
-    """The run's processes, precision, gradient accumulation and trackers."""
-    return Accelerator(
+    """The run's processes, precision, gradient accumulation and trackers; a tracker or precision asked for that this
+    machine cannot give is said once (Accelerate drops it quietly)."""
+    accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to in ([], ["none"]) else args.report_to,
@@ -124,6 +129,18 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
         # a multitask step may leave another task's parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(args.datasets) > 1)],
     )
+    if accelerator.is_main_process:
+        kept = {str(getattr(tracker, "value", tracker)) for tracker in accelerator.log_with}
+        for dropped in [name for name in args.report_to if name not in ("none", "all") and name not in kept]:
+            logger.warning("--report_to %s: its package is not installed, so this run does not report to it.", dropped)
+        if args.mixed_precision not in (None, accelerator.mixed_precision):
+            logger.warning(
+                "--mixed_precision %s is not available on %s; this run uses %s (recorded as such).",
+                args.mixed_precision,
+                accelerator.device.type,
+                accelerator.mixed_precision,
+            )
+    return accelerator
 
 
 # ---------------------------------------------------------------------------------------------- 2. data, 3. identity
@@ -193,8 +210,12 @@ def write_run_records(
             if data.split_indices is not None:
                 relative = f"{SPLITS_DIR}/{name}.json"
                 provenance = {"shots": args.shots, "seed": args.seed}
-                save_split_file(run_dir.path / relative, data.split_source, data.split_indices, **provenance)
-                run_dir.folder.record([relative])
+                run_dir.folder.write(  # recorded pending first: a kill never leaves a split file of unknown origin
+                    relative,
+                    functools.partial(
+                        save_split_file, dataset_dict=data.split_source, indices=data.split_indices, **provenance
+                    ),
+                )
         if accelerator.log_with:  # the tracker's logs grow as it runs: the folder is recorded as the run's
             run_dir.folder.record_dir(TRACKER_DIR)
     if accelerator.log_with:

@@ -8,18 +8,26 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, get_token
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
 
 from ..data.loaders import scheduled_batches, task_schedule
+from ..utils.errors import UserInputError
 from ..utils.seeding import seed_for
 from .arguments import TrainArguments
 from .report import report, validate
-from .run_layout import checkpoint_dirs
+from .run_layout import ADAPTER_DIR, checkpoint_dirs
 from .run_state import Run
 from .setup import setup
 
 logger = logging.getLogger(__name__)
+# What a Hub call raises when the network, the token or the server fails: HfHubHTTPError's bases are the HTTP client's
+# base error (httpx's) and OSError, which also covers huggingface_hub's OfflineModeIsEnabled and connection errors.
+HUB_ERRORS = (HfHubHTTPError, *HfHubHTTPError.__bases__)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -29,18 +37,62 @@ class TrainingDivergedError(RuntimeError):
 def train(args: TrainArguments, config_overrides: dict | None = None) -> dict:
     """Train, evaluate, save (and push) a DPT adapter; returns the metrics written to metrics.json.
 
-    `config_overrides`: DPTConfig values over the --method preset (`TrainArguments.config_overrides` adds the
-    dataset's). With several tasks (`--tasks`), each batch comes from one task and is classified within that task's
-    classes; metrics are reported per task and as their unweighted mean.
+    `config_overrides`: DPTConfig values over the --method preset; a shipped model's own settings (the toy CLIP's 4
+    context tokens) and a CoOp dataset's template are added unless given (`TrainArguments.config_overrides`), so a
+    Python call trains as the command does. With several tasks (`--tasks`), each batch comes from one task and is
+    classified within that task's classes; metrics are reported per task and as their unweighted mean.
     """
     start = time.time()
-    run = setup(args, config_overrides or {})
+    if args.push_to_hub:
+        check_push_target(args.hub_repo_id)
+    run = setup(args, args.config_overrides(config_overrides or {}))  # idempotent: the CLI's are already applied
     try:
         for epoch in range(run.state.epochs_done, args.epochs):
             train_epoch(run, epoch)
-        return report(run, time.time() - start)
+        metrics = report(run, time.time() - start)
+        if args.push_to_hub and run.accelerator.is_main_process:
+            push_adapter(run.accelerator.unwrap_model(run.model), args.hub_repo_id, run.run_dir.path / ADAPTER_DIR)
+        return metrics
     finally:
         run.run_dir.release()
+
+
+def check_push_target(repo_id: str) -> None:
+    """--push_to_hub checked before any work, as transformers' Trainer does (it creates the repo at init): not in
+    offline mode, a token present, and the repo created (or found) on the Hub, which also proves it reachable."""
+    if hf_constants.is_offline_mode():
+        raise UserInputError(
+            f"--push_to_hub cannot push to {repo_id!r} with HF_HUB_OFFLINE set (offline mode); unset it, or drop "
+            "--push_to_hub (the adapter is saved in --output_dir either way)."
+        )
+    if get_token() is None:
+        raise UserInputError(
+            "--push_to_hub needs a Hub token with write access: run `hf auth login` (or set HF_TOKEN) first, or drop "
+            "--push_to_hub."
+        )
+    try:
+        HfApi().create_repo(repo_id, exist_ok=True)
+    except HUB_ERRORS as err:
+        raise UserInputError(
+            f"--push_to_hub: the Hub repo {repo_id!r} could not be created or reached before training "
+            f"({_one_line(err)}); check the network and the token's write access, or drop --push_to_hub."
+        ) from err
+
+
+def push_adapter(model: torch.nn.Module, repo_id: str, saved: Path) -> None:
+    """Push the final adapter; a failure is one line saying where the adapter is and how to push it later."""
+    try:
+        model.push_to_hub(repo_id)
+    except HUB_ERRORS as err:
+        raise UserInputError(
+            f"Training finished, but pushing the adapter to {repo_id!r} failed ({_one_line(err)}). The adapter is "
+            f"saved in {saved}; push it later with `hf upload {repo_id} {saved}`."
+        ) from err
+    logger.warning("Pushed the adapter to https://huggingface.co/%s", repo_id)
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def train_epoch(run: Run, epoch: int) -> None:
@@ -75,12 +127,13 @@ def train_epoch(run: Run, epoch: int) -> None:
         seen += len(batch["labels"])
         run.progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}", acc=f"{correct / seen:.2f}", refresh=False)
     check_parameters(run, epoch)
-    state.train_images += seen * accelerator.num_processes
+    loss_sum, batches, correct, seen = epoch_totals(accelerator, sum(losses), len(losses), correct, seen)
+    state.train_images += seen
     state.train_seconds += time.time() - epoch_start
     record = {
         "epoch": epoch,
         "step": state.global_step,
-        "loss": sum(losses) / max(len(losses), 1),
+        "loss": loss_sum / max(batches, 1),
         "train_accuracy": correct / max(seen, 1),
         "guidance": guidance,
         "lr": run.scheduler.get_last_lr(),
@@ -98,6 +151,16 @@ def train_epoch(run: Run, epoch: int) -> None:
     logger.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "lr"})
     state.epochs_done = epoch + 1
     run.checkpointer.save(state.to_dict(), run.identity)
+
+
+def epoch_totals(accelerator, loss_sum: float, batches: int, correct: int, seen: int) -> tuple[float, int, int, int]:
+    """An epoch's summed batch losses, batches, correct predictions and images over every process (DDP), so that
+    history.json and `final_train_loss` are the run's mean, as accuracy is, not the main process's."""
+    totals = torch.tensor([loss_sum, batches, correct, seen], dtype=torch.float32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    loss_sum, batches, correct, seen = totals.tolist()
+    return loss_sum, int(batches), int(correct), int(seen)
 
 
 def _last_checkpoint(run: Run) -> str:

@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 from transformers import CLIPModel
 
 from dpt_peft import DPTConfig
-from dpt_peft.cli import main
+from dpt_peft.cli import main, parse_args
 from dpt_peft.integrations.auto import AutoDPTModel
 from dpt_peft.sources import load_adapted_model
 
@@ -80,7 +80,43 @@ CASES = [(f"adapter_{name}", f"{PREDICT} {{w}}/{name}", message) for name, messa
     ("train_settings_not_json", "train {w}/settings_bad.json", r"\(train's settings\) cannot be read: Expecting"),
     ("train_settings_bad_yaml", "train {w}/settings_bad.yaml", r"\(train's settings\) cannot be read"),
     ("train_settings_list", "train {w}/settings_list.json", r"settings_list.json \(train's settings\) holds a list"),
-    ("train_settings_wrong_type", "train {w}/settings_type.json", r"settings_type.json: argument --epochs.*'one'"),
+    (
+        "train_settings_wrong_type",
+        "train {w}/settings_type.json",
+        r"settings_type.json: epochs is 'one' \(str\); give a",
+    ),
+    # Issue 31: values are values, checked against the field's type, never spliced into the command line as flags.
+    (
+        "train_settings_list_injects_flag",
+        "train {w}/inject.json",
+        r"inject.json: output_dir is \[.*\] \(list\); give a",
+    ),
+    ("train_settings_seed_list", "train {w}/seed_list.json", r"seed is \[1, '--overwrite_output_dir'\] \(list\)"),
+    ("train_settings_epochs_list", "train {w}/epochs_list.json", r"epochs is \[2, 3\] \(list\); give a whole number"),
+    ("train_settings_yaml_int_key", "train {w}/int_key.yaml", r"int_key.yaml: the key 1 is not a flag name"),
+    ("train_settings_yaml_alias", "train {w}/alias.yaml", r"alias.yaml \(train's settings\) is refused: line 2 has a"),
+    ("train_settings_other_suffix", "train {w}/settings.toml", r"settings.toml: train takes flags, or a settings file"),
+    ("class_names_latin1", f"{PREDICT} {{w}}/good --class_names_file {{w}}/latin1.txt", r"\(byte 0xe9 on line 2\)"),
+    (
+        "class_names_control",
+        f"{PREDICT} {{w}}/good --class_names_file {{w}}/bel.txt",
+        r"line 2: the class name 'd\\x07",
+    ),
+    (
+        "class_names_cr",
+        f"{PREDICT} {{w}}/good --class_names_file {{w}}/cr.txt",
+        r"'ca\\rt' holds the control character",
+    ),
+    (
+        "imagefolder_not_utf8",
+        "train --dataset {w}/not_utf8 --output_dir {w}/t",
+        r"not_utf8/l\\xe9ft is not valid UTF-8",
+    ),
+    (
+        "visualize_input_is_output",
+        "visualize {w}/a.png --adapter {w}/good --output_dir {w} --overwrite_output_dir",
+        r"a.png is one of this command's inputs, and an input is never written over, whatever the flags",
+    ),
     ("train_settings_missing", "train {w}/nope.yaml", r"nope.yaml \(train's settings\) does not exist"),
     ("evaluate_output_dir_a_file", "evaluate --adapter {w}/good --output_dir {w}/a_file", "a_file is a file, not a"),
     ("train_output_dir_a_file", "train --output_dir {w}/a_file", "--output_dir .*a_file is a file, not a folder"),
@@ -129,6 +165,19 @@ def workspace(tmp_path_factory, clip_path) -> Path:
     (w / "settings_bad.yaml").write_text("epochs: [1\n  shots: :")
     (w / "settings_list.json").write_text("[1]")
     (w / "settings_type.json").write_text('{"epochs": "one", "output_dir": "%s"}' % (w / "t"))
+    (w / "inject.json").write_text(json.dumps({"output_dir": [str(w / "finished"), "--overwrite_output_dir"]}))
+    (w / "seed_list.json").write_text(json.dumps({"seed": [1, "--overwrite_output_dir"], "output_dir": str(w / "t")}))
+    (w / "epochs_list.json").write_text(json.dumps({"epochs": [2, 3]}))
+    (w / "int_key.yaml").write_text("1: 2\n")
+    (w / "alias.yaml").write_text("epochs: &e 2\nshots: *e\n")
+    (w / "settings.toml").write_text("epochs = 2\n")
+    (w / "latin1.txt").write_bytes(b"cat\nd\xe9g\n")
+    (w / "bel.txt").write_bytes(b"cat\nd\x07og\n")
+    (w / "cr.txt").write_bytes(b"ca\rt\ndog\n")
+    for name in (b"right", b"l\xe9ft"):
+        folder = os.path.join(os.fsencode(w / "not_utf8"), name)
+        os.makedirs(folder)
+        PILImage.new("RGB", (8, 8), "red").save(os.fsdecode(os.path.join(folder, b"a.png")))
     make_layout(w / "coop", "oxford_pets")
     return w
 
@@ -178,6 +227,17 @@ def test_each_unclear_case_is_one_named_line_exit_2_before_any_work(
     assert re.search(pattern, err[-1]), (pattern, err[-1])
     assert not (workspace / "t" / "checkpoints").exists() and not (workspace / "out" / "p.jsonl").exists()
     assert seconds < 20, seconds  # no training, no model: the toy data at most
+
+
+def test_a_settings_file_takes_flags_after_it_in_any_suffix_case(tmp_path):
+    settings = tmp_path / "RUN.JSON"
+    settings.write_text(json.dumps({"epochs": 2, "output-dir": str(tmp_path / "o"), "num_text_tokens": 4, "seed": 3}))
+    args, config = parse_args([str(settings), "--epochs", "5", "--visual_depth", "2"])
+    assert (args.epochs, args.seed, args.output_dir) == (5, 3, str(tmp_path / "o"))  # the flag wins over the file
+    assert config["num_text_tokens"] == 4 and config["visual_depth"] == 2
+    with pytest.raises(ValueError, match=r"settings.yaml: visual_lr is '1e-3' \(str\); give a number"):
+        (tmp_path / "settings.yaml").write_text("visual_lr: '1e-3'\n")
+        parse_args([str(tmp_path / "settings.yaml")])
 
 
 @pytest.mark.parametrize("loader", ["load_adapted_model", "AutoDPTModel"])

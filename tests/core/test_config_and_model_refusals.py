@@ -135,9 +135,9 @@ def test_adapter_file_missing_tensors(clip_path, tmp_path):
 
 def test_unknown_adapter_name(clip):
     model = get_peft_model(clip, DPTConfig(class_names=CLASS_NAMES))
-    with pytest.raises(ValueError, match=r"Unknown adapter 'nope'; the adapters are \['default'\]"):
+    with pytest.raises(ValueError, match=r"Adapter nope not found; the adapters are \['default'\]"):
         model.set_adapter("nope")
-    with pytest.raises(ValueError, match=r"Unknown adapter 'nope'"):
+    with pytest.raises(ValueError, match=r"Adapter nope does not exist; the adapters are \['default'\]"):
         model.delete_adapter("nope")
 
 
@@ -197,3 +197,14 @@ def test_nfc_and_nfd_spellings_are_one_name():
     assert composed != decomposed and normalize_class_name(composed) == normalize_class_name(decomposed)
     with pytest.warns(UserWarning, match="more than once"):
         DPTConfig(class_names=[composed, decomposed])
+
+
+def test_a_first_python_call_on_the_toy_clip_takes_the_defaults_that_fit_it():
+    """Issue 32 item 10: DPTConfig's default 16 context tokens cannot fit the toy CLIP's 16 positions; on a shipped
+    model a field left at its default takes the model's fitting value, as the CLI does. A value given is kept."""
+    from dpt_peft.sources import load_base_model
+
+    model = get_peft_model(load_base_model(), DPTConfig(class_names=["circle", "square"]))
+    assert model.peft_config["default"].num_text_tokens == 4
+    given = get_peft_model(load_base_model(), DPTConfig(class_names=["circle", "square"], num_text_tokens=3))
+    assert given.peft_config["default"].num_text_tokens == 3

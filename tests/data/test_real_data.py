@@ -18,6 +18,7 @@ from dpt_peft.data.coop_readers import load_coop_dataset, prompt_class_names
 from dpt_peft.data.coop_splits import subsample_classes
 from dpt_peft.experiments.benchmark_report import aggregate, markdown_table, write_report
 from dpt_peft.experiments.published import DPT_PAPER, published_rows
+from dpt_peft.utils.errors import UserInputError
 
 IMAGENET_NAMES = (Path(__file__).parents[1] / "fixtures" / "imagenet_classnames.txt").read_text().splitlines()
 
@@ -75,6 +76,13 @@ def test_what_is_really_ambiguous_is_refused(tmp_path):
     make_imagenet(tmp_path, ["cat", "dog"])
     write_lines(tmp_path / "imagenet" / "classnames.txt", ["n00000000 cat", "n00000001 dog", "n00000000 tiger"])
     with pytest.raises(ValueError, match="n00000000"):  # one folder given two names
+        load_coop_dataset("imagenet", tmp_path)
+
+
+def test_a_classnames_file_saved_as_latin_1_is_refused_naming_the_file_and_line(tmp_path):
+    make_imagenet(tmp_path, ["cat", "dog"])
+    (tmp_path / "imagenet" / "classnames.txt").write_bytes(b"n00000000 cat\r\nn00000001 caf\xe9 dog\r\n")
+    with pytest.raises(UserInputError, match=r"classnames.txt is not UTF-8 text \(byte 0xe9 on line 2\)"):
         load_coop_dataset("imagenet", tmp_path)
 
 

@@ -101,7 +101,7 @@ def test_targets_get_their_own_template_and_are_not_evaluated_twice(tmp_path, mo
 def test_a_grid_checks_its_data_before_its_first_run(tmp_path, monkeypatch):
     make_layout(tmp_path / "data", "imagenet")
     trained = []
-    monkeypatch.setattr(benchmark, "run_grid", lambda runs, finish: trained.append(runs) or [])
+    monkeypatch.setattr(benchmark, "execute", lambda runs, executor, folder: trained.append(runs) or [])
     with pytest.raises(FileNotFoundError, match="ucf101: NOT READY") as error:
         benchmark.run_protocol(
             benchmark.GridSpec(

@@ -95,3 +95,28 @@ def test_a_plain_trainer_reports_eval_loss(setup, tmp_path):
     for name, value in zip(names, gathered):
         for array in value if isinstance(value, tuple) else (value,):
             assert array.shape[0] == (2 if name == "class_aware_loss" else len(test)), name
+
+
+def test_evaluation_never_augments_with_the_training_collator(setup, tmp_path):
+    """Issue 32, item 13: README's snippet passes one augmenting collator for training and evaluation; the training
+    dataloader crops and flips, the evaluation and test dataloaders get the same images unaugmented (and score the
+    model exactly as a non-augmenting collator does)."""
+    from dpt_peft import DPTImageCollator
+
+    model, processor, train, test = setup
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=6, report_to=[], use_cpu=True)
+    collator = DPTImageCollator(processor, augment=True)
+    trainer = DPTTrainer(model, args, train_dataset=train, eval_dataset=test, data_collator=collator)
+    plain = ImageBatcher(processor, "image", "label")(list(test.select(range(6))))["pixel_values"]
+    for loader in (trainer.get_eval_dataloader(), trainer.get_test_dataloader(test)):
+        torch.testing.assert_close(next(iter(loader))["pixel_values"], plain)
+    train_pixels = next(iter(trainer.get_train_dataloader()))["pixel_values"]
+    unaugmented = ImageBatcher(processor, "image", "label")(list(train))["pixel_values"]
+    assert not any(torch.allclose(train_pixels[0], image, atol=1e-3) for image in unaugmented)  # cropped/flipped
+    assert trainer.data_collator is collator  # training keeps augmenting
+    model.eval()
+    metrics = trainer.evaluate()
+    reference = DPTTrainer(model, args, eval_dataset=test, data_collator=ImageBatcher(processor, "image", "label"))
+    assert metrics["eval_loss"] == pytest.approx(reference.evaluate()["eval_loss"], rel=1e-5)
+    augmenting_batcher = TrainerCollator(ImageBatcher(processor, "image", "label", train=True))
+    assert augmenting_batcher.for_evaluation().collate.train is False

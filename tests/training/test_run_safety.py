@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -24,12 +25,14 @@ import dpt_peft.training.checkpoints as checkpoints_module
 import dpt_peft.training.report as report_module
 import dpt_peft.training.setup as training_setup
 from dpt_peft import DPTConfig
-from dpt_peft.cli import train_main
+from dpt_peft.cli import main, train_main
 from dpt_peft.training.checkpoint_files import CheckpointError, verify_checkpoint
 from dpt_peft.training.checkpoints import Checkpointer
+from dpt_peft.training.run_dir import own_entries
 from dpt_peft.training.run_layout import LOCK_FILE
 from dpt_peft.training.run_lock import check_lock
 from dpt_peft.training.trainer import TrainingDivergedError
+from dpt_peft.utils.durable import plain_file_mode, plain_folder_mode
 from dpt_peft.utils.write_policy import MANIFEST_FILE, OutputFolder
 
 SHORT = ["--epochs", "2", "--shots", "4", "--report_to", "none", "--eval_batch_size", "300"]
@@ -114,6 +117,19 @@ def test_a_directory_holding_a_run_is_never_replaced_silently(copied_run):
     with pytest.raises(ValueError, match=r"holds a different run \(shots: 4 -> 3\).*--resume_from_checkpoint latest"):
         run(copied_run, "--epochs", "3", "--shots", "3")
     assert snapshot(copied_run) == before
+
+
+def test_a_users_file_inside_a_checkpoint_is_never_deleted(copied_run):
+    """A whole checkpoint folder was recorded as dpt_peft's, so --overwrite_output_dir deleted a file put into it."""
+    notes = copied_run / "checkpoints" / "epoch_0" / "notes.txt"
+    notes.write_text("the user's")
+    before = snapshot(copied_run)
+    for flags in (["--overwrite_output_dir"], ["--resume_from_checkpoint", "latest"]):
+        with pytest.raises(ValueError, match=r"but also 'checkpoints/epoch_0/notes.txt', which dpt_peft did not write"):
+            run(copied_run, "--epochs", "3", *flags)
+    assert snapshot(copied_run) == before
+    notes.unlink()
+    run(copied_run, "--epochs", "3", "--overwrite_output_dir")  # the run's own files, each recorded, are replaced
 
 
 def test_overwrite_removes_only_the_runs_own_artifacts(tmp_path):
@@ -237,6 +253,14 @@ def test_checkpoints_hold_safetensors_and_json_with_a_manifest(copied_run):
     assert state["epoch"] == 1 and state["global_step"] == 2
 
 
+def test_checkpoint_files_get_the_mode_a_plain_write_gives_under_the_umask(killed_run):
+    """safetensors writes 0600: a team sharing the run folder could not read the checkpoints' adapters."""
+    directory, _ = killed_run
+    for path in (directory / "checkpoints").rglob("*"):
+        expected = plain_folder_mode() if path.is_dir() else plain_file_mode()
+        assert path.stat().st_mode & 0o777 == expected, path
+
+
 def test_a_planted_pickle_is_never_unpickled(copied_run, tmp_path):
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(MakesFile(probe)))
@@ -246,9 +270,14 @@ def test_a_planted_pickle_is_never_unpickled(copied_run, tmp_path):
     latest = copied_run / "checkpoints" / "epoch_1"
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
         (latest / name).write_bytes(payload)
-    run(copied_run, "--resume_from_checkpoint", "latest", "--epochs", "3")
-    assert json.loads((copied_run / "metrics.json").read_text())["steps"] == 3
-    assert not marker.exists()
+    # Planted in the run's folder: files dpt_peft did not write, so the folder is refused (and they are never deleted).
+    with pytest.raises(ValueError, match=r"but also 'checkpoints/epoch_1/custom_checkpoint_0.pkl' \(and 3 more\)"):
+        run(copied_run, "--resume_from_checkpoint", "latest", "--epochs", "3")
+    # Resumed from that checkpoint by path into another folder: the pickles are ignored, never opened.
+    elsewhere = tmp_path / "resumed"
+    run(elsewhere, "--resume_from_checkpoint", str(latest), "--epochs", "3")
+    assert json.loads((elsewhere / "metrics.json").read_text())["steps"] == 3
+    assert not marker.exists() and (latest / "custom_checkpoint_0.pkl").exists()
 
     # A checkpoint in Accelerate's pickle format (no manifest) is refused, not loaded.
     legacy = tmp_path / "legacy" / "epoch_0"
@@ -344,6 +373,25 @@ def test_a_truncated_checkpoint_file_is_named(copied_run, name, message):
         run(copied_run, "--resume_from_checkpoint", str(path.parent), "--epochs", "3")
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epoch": "abc"}, r"'epoch' is 'abc', not an epoch number"),
+        ({"history": "x"}, r"'history' is 'x', not a list of epoch records"),
+        ({"global_step": None}, r"'global_step' is None, not a step count"),
+    ],
+)
+def test_a_wrong_typed_trainer_state_is_named_not_a_raw_type_error(copied_run, change, message):
+    checkpoint = copied_run / "checkpoints" / "epoch_1"
+    state = checkpoint / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), **change}))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())  # as if written so: the hashes match
+    manifest["files"]["trainer_state.json"]["sha256"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"epoch_1/trainer_state.json: {message}.*resume from another"):
+        run(copied_run, "--resume_from_checkpoint", str(checkpoint), "--epochs", "3")
+
+
 def test_a_truncated_run_file_is_named_with_the_fix(copied_run):
     (copied_run / "run.json").write_text('{"model_name_or_path": nu')
     with pytest.raises(ValueError, match=r"run\.json \(the arguments.*truncated or corrupt; delete it to resume"):
@@ -354,28 +402,40 @@ def test_a_truncated_run_file_is_named_with_the_fix(copied_run):
     assert json.loads((copied_run / "run.json").read_text())["epochs"] == 1
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("epoch", "kept", "advice", "continue_flags"),
+    [
+        (
+            1,
+            r"the earlier checkpoints \(epoch_0\) are intact",
+            "continue with --resume_from_checkpoint latest",
+            ["--resume_from_checkpoint", "latest"],
+        ),
+        (0, "there is no earlier checkpoint", "train again with --overwrite_output_dir", ["--overwrite_output_dir"]),
+    ],
+)
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_flag_that_continues(
+    tmp_path, monkeypatch, capsys, epoch, kept, advice, continue_flags
+):
     original = checkpoints_module.write_file
 
-    def full_on_epoch_1(path, data):
-        if "epoch_1.partial" in str(path) and path.name == "scheduler.json":
+    def full_disk(path, data):
+        if f"epoch_{epoch}.partial" in str(path) and path.name == "scheduler.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         original(path, data)
 
-    monkeypatch.setattr(checkpoints_module, "write_file", full_on_epoch_1)
+    monkeypatch.setattr(checkpoints_module, "write_file", full_disk)
     out = tmp_path / "run"
-    with pytest.raises(
-        OSError,
-        match=rf"No space left to write checkpoint .*epoch_1 in {out / 'checkpoints'}.*"
-        r"\(epoch_0\) are intact",
-    ) as caught:
-        run(out, "--epochs", "3")
-    assert caught.value.errno == errno.ENOSPC
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0"]  # no partial one left
-    verify_checkpoint(out / "checkpoints" / "epoch_0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *SHORT, "--output_dir", str(out), "--epochs", "3"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]  # one line after the progress bar's
+    written = re.escape(str(out / "checkpoints" / f"epoch_{epoch}"))
+    assert re.search(rf"dpt-peft: error: Could not write {written}: no space left .*{kept}.*{advice}.*$", error), error
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"epoch_{e}" for e in range(epoch)]  # no partial
     check_lock(out / LOCK_FILE)  # released
     monkeypatch.setattr(checkpoints_module, "write_file", original)
-    run(out, "--resume_from_checkpoint", "latest", "--epochs", "3")
+    run(out, "--epochs", "3", *continue_flags)  # the advice works
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
 
 
@@ -411,3 +471,22 @@ def test_a_resume_on_changed_data_is_refused_before_anything_is_written(copied_r
     with pytest.raises(ValueError, match=r"another config \(data_fingerprint: the training images changed"):
         run(copied_run, "--resume_from_checkpoint", "latest", "--epochs", "3")
     assert snapshot(copied_run) == before
+
+
+def test_a_run_copied_without_its_hidden_manifest_resumes_and_a_stray_file_is_named(killed_run, tmp_path):
+    """`cp -r run/* copy/` skips the hidden manifest: the run's own records (run.json, each checkpoint's manifest)
+    still prove its files, and a refusal says what went missing."""
+    _, pristine = killed_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for entry in pristine.iterdir():
+        if not entry.name.startswith("."):
+            (shutil.copytree if entry.is_dir() else shutil.copy)(entry, copy / entry.name)
+    (copy / "notes.txt").write_text("the user's")
+    with pytest.raises(
+        ValueError, match=r"'notes.txt', which dpt_peft did not write \(.*_written.json .*is missing.*cp -r"
+    ):
+        run(copy, "--resume_from_checkpoint", "latest", "--epochs", "3")
+    (copy / "notes.txt").unlink()
+    assert run(copy, "--resume_from_checkpoint", "latest", "--epochs", "3")["steps"] == 3
+    assert own_entries(copy)[1] == []  # recorded again

@@ -281,7 +281,10 @@ def test_push_to_hub_after_training(tmp_path, monkeypatch):
 
     from huggingface_hub import HfApi
 
+    from dpt_peft.training import trainer
+
     uploaded = {}
+    monkeypatch.setattr(trainer, "get_token", lambda: "hf_test")  # --push_to_hub is checked for a token first
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
     monkeypatch.setattr(
         HfApi,

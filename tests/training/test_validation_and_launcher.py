@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -104,3 +106,30 @@ def test_decoding_workers_count_each_unreadable_test_image_once(tmp_path):
         ]
     )
     assert metrics["skipped_images"] == 1 and metrics["num_images"] == 7
+
+
+def test_a_tracker_that_is_not_installed_is_named_once(tmp_path, caplog, fresh_accelerate_state):
+    """Issue 32 item 11: Accelerate drops an unavailable tracker quietly; the run says so."""
+    pytest.importorskip("tensorboard")
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    from dpt_peft.training.arguments import TrainArguments
+    from dpt_peft.training.setup import make_accelerator
+
+    args = TrainArguments(report_to=["tensorboard,wandb"], output_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="dpt_peft"):
+        accelerator = make_accelerator(args)
+    assert [str(getattr(t, "value", t)) for t in accelerator.log_with] == ["tensorboard"]
+    assert caplog.text.count("--report_to wandb: its package is not installed") == 1
+
+
+def test_each_base_model_has_its_own_default_run_folder():
+    """Issue 32 item 12: README's toy CLIP and toy SigLIP commands run one after the other."""
+    from dpt_peft.training.arguments import TrainArguments
+
+    assert TrainArguments().output_dir == "outputs/dpt-toy"
+    assert TrainArguments(model_name_or_path="dpt-peft/toy-siglip").output_dir == "outputs/dpt-toy-siglip"
+    assert TrainArguments(model_name_or_path="openai/clip-vit-base-patch16").output_dir == (
+        "outputs/dpt-clip-vit-base-patch16"
+    )
+    assert TrainArguments(output_dir="mine").output_dir == "mine"

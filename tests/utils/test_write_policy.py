@@ -125,6 +125,18 @@ def test_resume_compares_runs_wherever_the_folder_is():
     assert "training images changed" in first_difference({**identity, "data_fingerprint": "b"}, identity)
 
 
+def test_a_refused_run_names_only_the_differing_keys_of_its_config():
+    """Issue 32 item 12: two 22-key config dicts hid the one difference that mattered."""
+    config = {f"field_{i}": i for i in range(22)}
+    old = {"model_name_or_path": None, "config": {**config, "num_visual_tokens": 10}}
+    new = {"model_name_or_path": "dpt-peft/toy-siglip", "config": {**config, "num_visual_tokens": 2}}
+    assert first_difference(old, new) == (
+        "config.num_visual_tokens: 10 -> 2; model_name_or_path: None -> 'dpt-peft/toy-siglip'"
+    )
+    many = {"config": {f"field_{i}": -i - 1 for i in range(22)}}
+    assert first_difference({"config": config}, many).endswith("; and 17 more")
+
+
 def _folder_dataset(root: Path) -> Dataset:
     paths = sorted(str(p) for p in root.rglob("*.png"))
     return Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths]}).cast_column(
