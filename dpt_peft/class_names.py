@@ -49,6 +49,11 @@ def validate_class_names(class_names: ClassNames | None) -> None:
             normalized = normalize_class_name(name) if isinstance(name, str) else ""
             if not normalized:
                 raise UserInputError(f"{where}[{index}]={name!r} is empty; every class needs a non-empty name.")
+            if any(unicodedata.category(character) == "Cc" for character in name):
+                raise UserInputError(
+                    f"{where}[{index}]={name!r} holds a control character (a line break, a terminal escape, NUL); "
+                    "class names are plain text: remove it."
+                )
             seen.setdefault(normalized.lower(), []).append(name)
         repeated = [spellings for spellings in seen.values() if len(spellings) > 1]
         if repeated:

@@ -31,6 +31,11 @@ INTEGER_FIELDS = (
     "class_aware_attention_dim",
 )
 FLOAT_FIELDS = ("class_aware_loss_weight", "prompt_init_std")
+TEXT_FIELDS = ("zero_shot_template", "class_token_position", "text_encoding", "visual_prompt_init", "text_init")
+# No model has this many layers or channels: a hostile layer count (10^12) is refused before a range is built over it
+# (prompt counts are compared with the weights' header instead, `adapter_files.py`, which names the tensor).
+MAX_SIZE = 1 << 16
+RANGE_FIELDS = ("visual_depth", "class_aware_layer", *BASE_SHAPE_FIELDS)
 BOOLEAN_FIELDS = (
     "learn_text_context",
     "class_specific_context",
@@ -297,6 +302,12 @@ class DPTConfig(PeftConfig):
 
     def validate_for_model(self, backbone: Backbone) -> None:
         """Checks that need the base model (its shape, its text tower); raised before anything is injected."""
+        if self.base_model_family is None and self.vision_hidden_size is not None:  # a saved adapter names its family
+            raise UserInputError(
+                "adapter_config.json records the base model's shape but not its family (base_model_family), so it "
+                f'could be another family\'s adapter of the same shape; add "base_model_family": "{backbone.family}" '
+                "if it was trained on this kind of model."
+            )
         if self.base_model_family not in (None, backbone.family):
             raise UserInputError(
                 f"This adapter was made for a {self.base_model_family} base model (base_model_family in "
@@ -386,11 +397,16 @@ class DPTConfig(PeftConfig):
             )
 
     def _validate_numbers(self) -> None:
-        """Counts must be whole numbers and floats finite, before any range check compares them."""
-        for name in INTEGER_FIELDS:
+        """Counts are whole numbers (layer counts up to `MAX_SIZE`), floats finite, texts strings, before any check."""
+        for name in (*INTEGER_FIELDS, *BASE_SHAPE_FIELDS):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise UserInputError(f"{name}={value!r} must be a whole number (an int), e.g. {name}=10.")
+            if value is not None and value > MAX_SIZE and name in RANGE_FIELDS:
+                raise UserInputError(f"{name}={value} is beyond any model (at most {MAX_SIZE}); check the config.")
+        for name in TEXT_FIELDS:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UserInputError(f"{name}={getattr(self, name)!r} must be text (a string).")
         for name in FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -169,11 +169,12 @@ def load_adapter_and_base(
         kwargs["config"] = base_config
     try:
         base = load_base_model(name, revision=base_revision, **hub, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # transformers: OSError when missing, ValueError for a folder of no model
         family = next((b.display_name for b in BACKBONES if b.family == config.base_model_family), "model")
+        named_by = "" if model_name_or_path else " (base_model_name_or_path in the adapter's adapter_config.json)"
         raise MissingInputError(
-            f"Could not load the adapter's base {family} {name!r} ({err}). Pass a local copy or another id of the "
-            f"same model ({BASE_MODEL_ARGUMENTS})."
+            f"Could not load the adapter's base {family} {name!r}{named_by}: {err} Pass a local copy or another id "
+            f"of the same model ({BASE_MODEL_ARGUMENTS})."
         ) from err
     if low_cpu_mem_usage and "torch_device" not in adapter_options:
         # Assigned tensors keep the device they were read to: read them where the base model is.

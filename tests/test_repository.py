@@ -147,7 +147,8 @@ def test_imports_follow_the_layers():
 
 # The cap stands for one concept per module. The tuner is one class, from injection to `classify` (its label spaces
 # and class features are components in their own modules), so it may be longer than one file of the cap.
-LINE_CAP_EXCEPTIONS = {"dpt_peft/model.py": 475}
+# The config is one dataclass: its fields' documentation and the validation that names each field.
+LINE_CAP_EXCEPTIONS = {"dpt_peft/model.py": 475, "dpt_peft/config.py": 420}
 
 
 def test_no_module_is_over_400_lines():

@@ -15,6 +15,7 @@ from datasets import Dataset
 
 from ..utils.errors import UserInputError
 from .batching import undecoded
+from .file_digests import content_digest
 from .images import UNREADABLE_IMAGE_ERRORS, decode_image_value
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ def _readable(value, index: int) -> bool:
 
 def data_fingerprint(tasks: Mapping[str, Any], image_column: str, label_column: str | None = None) -> str:
     """What a run trains on, as one sha256: each task's training images in order (a file by its path below the
-    images' common folder, size and mtime; an embedded image by its bytes) and, given `label_column`, their labels.
+    images' common folder and its content's sha256, cached: a byte-identical copy of the data is the same data; an
+    embedded image by its bytes) and, given `label_column`, their labels.
     Recorded with the run's arguments, so a resume on changed data (class folders swapped, files replaced, labels
     changed) is refused and a grid does not reuse the run. A content hash of what trains, not the fingerprint `datasets`
     keeps: that one follows the dataset's history, and turns random after a transform it cannot hash, so the same
@@ -140,8 +142,8 @@ def data_fingerprint(tasks: Mapping[str, Any], image_column: str, label_column: 
             if isinstance(value, dict) and value.get("bytes"):
                 digest.update(hashlib.sha256(value["bytes"]).digest())
             elif isinstance(value, dict) and value.get("path"):
-                stat = os.stat(value["path"])
-                digest.update(f"{os.path.relpath(value['path'], root)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+                content = content_digest(value["path"])
+                digest.update(f"{os.path.relpath(value['path'], root)} {content}\n".encode())
             else:
                 digest.update(repr(value).encode())
         if label_column is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,18 @@ class Prediction:
     scores: list[float]  # softmax probabilities over the label space, best first
 
 
+URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
 def expand_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, directories expanded to the image files they contain (sorted)."""
     paths = []
     for item in inputs:
+        if URL_SCHEME.match(str(item)):  # Path() would fold "http://host" into "http:/host", a path that does not exist
+            raise UserInputError(
+                f"{item} is a URL; predict reads image files and folders: download it first, or classify it with "
+                "pipeline('dpt-image-classification', ...), which takes http(s) URLs with a size cap and deadline."
+            )
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -20,6 +20,7 @@ from ..sources import SHIPPED_MODEL_FITS, TOY_CLIP_ID, TOY_SIGLIP_ID
 from ..utils.errors import InputTypeError, UserInputError
 from .recipe import Recipe, guidance_epochs_for
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 # Every DPTConfig field a user sets is a flag (they override the --method preset).
 CONFIG_FLAGS = tuple(DPTConfig.user_field_names())
 # DPTConfig values of the toy CLIP where the paper's do not fit (any dataset): its text context has 16 positions, too
@@ -230,6 +231,11 @@ class TrainArguments:
         for name in ("visual_lr", "text_lr", "warmup_lr"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise UserInputError(f"--{name} {getattr(self, name)} must be a positive, finite learning rate.")
+            if getattr(self, name) > FLOAT32_MAX:  # the optimizer would overflow at once: the run cannot but diverge
+                raise UserInputError(
+                    f"--{name} {getattr(self, name)} does not fit a float32 parameter update (the run would diverge "
+                    "at its first step); use a learning rate such as 0.002."
+                )
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             raise UserInputError(f"--dataloader_num_workers {self.dataloader_num_workers} must be 0 or more.")
         if self.eval_every < 0:

@@ -198,3 +198,12 @@ def test_an_adapter_without_a_recorded_base_needs_one_named(model, tmp_path):
     config_file.write_text(json.dumps({**config, "base_model_name_or_path": None}))
     with pytest.raises(ValueError, match="records no base model.*--model_name_or_path"):
         load_adapted_model(str(tmp_path / "adapter"), device="cpu")
+
+
+def test_a_url_given_to_predict_is_named_as_a_url_not_folded_into_a_path():
+    """Issue 31: `predict http://127.0.0.1:PORT/ok.png` said "http:/127.0.0.1:PORT/ok.png does not exist"."""
+    from dpt_peft.integrations.inference import expand_paths
+    from dpt_peft.utils.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"^http://127.0.0.1:8000/ok.png is a URL; .*pipeline"):
+        expand_paths(["http://127.0.0.1:8000/ok.png"])

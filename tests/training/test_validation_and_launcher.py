@@ -133,3 +133,12 @@ def test_each_base_model_has_its_own_default_run_folder():
         "outputs/dpt-clip-vit-base-patch16"
     )
     assert TrainArguments(output_dir="mine").output_dir == "mine"
+
+
+def test_a_learning_rate_beyond_float32_is_refused_before_the_run():
+    """Issue 31: `--text_lr 1e300` died in the optimizer with "value cannot be converted to type float"."""
+    from dpt_peft.training.arguments import TrainArguments
+    from dpt_peft.utils.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"--text_lr 1e\+300 does not fit a float32 .*diverge"):
+        TrainArguments(text_lr=1e300)
