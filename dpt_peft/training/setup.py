@@ -133,12 +133,13 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
         kept = {str(getattr(tracker, "value", tracker)) for tracker in accelerator.log_with}
         for dropped in [name for name in args.report_to if name not in ("none", "all") and name not in kept]:
             logger.warning("--report_to %s: its package is not installed, so this run does not report to it.", dropped)
-        if args.mixed_precision not in (None, accelerator.mixed_precision):
+        used = accelerator.mixed_precision if accelerator.native_amp else "no"  # what the run records
+        if args.mixed_precision not in (None, used):
             logger.warning(
                 "--mixed_precision %s is not available on %s; this run uses %s (recorded as such).",
                 args.mixed_precision,
                 accelerator.device.type,
-                accelerator.mixed_precision,
+                used,
             )
     return accelerator
 

@@ -142,3 +142,15 @@ def test_a_learning_rate_beyond_float32_is_refused_before_the_run():
 
     with pytest.raises(UserInputError, match=r"--text_lr 1e\+300 does not fit a float32 .*diverge"):
         TrainArguments(text_lr=1e300)
+
+
+def test_a_precision_the_device_cannot_give_is_said_once(tmp_path, caplog, fresh_accelerate_state):
+    """Issue 32 item 11: fp16 asked on a CPU is recorded as "no"; the run says so instead of staying silent."""
+    from dpt_peft.training.arguments import TrainArguments
+    from dpt_peft.training.setup import make_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is available on this machine's GPU")
+    with caplog.at_level(logging.WARNING, logger="dpt_peft"):
+        make_accelerator(TrainArguments(mixed_precision="fp16", output_dir=str(tmp_path)))
+    assert caplog.text.count("--mixed_precision fp16 is not available on cpu; this run uses no") == 1
