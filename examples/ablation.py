@@ -5,7 +5,9 @@
 Extra arguments go to every training run (e.g. `--epochs 10`).
 """
 
-from dpt_peft.cli import ablation_main
+import sys
 
-if __name__ == "__main__":
-    ablation_main()
+from dpt_peft.cli import main
+
+if __name__ == "__main__":  # as `dpt-peft ablation`: a refusal is one line (--verbose: the traceback)
+    main(["ablation", *sys.argv[1:]])

@@ -3,7 +3,9 @@
 The same as `dpt-peft benchmark` (see --help): a resumable grid of runs, then results.md, results.csv and plots.
 """
 
-from dpt_peft.cli import benchmark_main
+import sys
 
-if __name__ == "__main__":
-    benchmark_main()
+from dpt_peft.cli import main
+
+if __name__ == "__main__":  # as `dpt-peft benchmark`: a refusal is one line (--verbose: the traceback)
+    main(["benchmark", *sys.argv[1:]])

@@ -4,7 +4,9 @@ The same as `dpt-peft evaluate`: writes eval_metrics.json (top-1, mean per-class
 and a per-class PNG.
 """
 
-from dpt_peft.cli import evaluate_main
+import sys
 
-if __name__ == "__main__":
-    evaluate_main()
+from dpt_peft.cli import main
+
+if __name__ == "__main__":  # as `dpt-peft evaluate`: a refusal is one line (--verbose: the traceback)
+    main(["evaluate", *sys.argv[1:]])

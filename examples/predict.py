@@ -1,6 +1,8 @@
 """`python examples/predict.py --adapter ADAPTER IMAGES_OR_DIRS ...`: the same as `dpt-peft predict` (see --help)."""
 
-from dpt_peft.cli import predict_main
+import sys
 
-if __name__ == "__main__":
-    predict_main()
+from dpt_peft.cli import main
+
+if __name__ == "__main__":  # as `dpt-peft predict`: a refusal is one line (--verbose: the traceback)
+    main(["predict", *sys.argv[1:]])

@@ -3,7 +3,9 @@
 The same as `dpt-peft train`; run with --help for every option.
 """
 
-from dpt_peft.cli import train_main
+import sys
 
-if __name__ == "__main__":
-    train_main()
+from dpt_peft.cli import main
+
+if __name__ == "__main__":  # as `dpt-peft train`: a refusal is one line (--verbose: the traceback)
+    main(["train", *sys.argv[1:]])

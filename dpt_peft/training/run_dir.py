@@ -161,7 +161,8 @@ def check_output_dir(
             )
         else:
             holds, fix = "is not empty and holds no dpt_peft run:", "choose another --output_dir (a new or empty one)"
-        why = OutputFolder(output_dir).manifest_problem()
+        # A lost manifest explains foreign files only where a run was (a user's own folder never had one).
+        why = OutputFolder(output_dir).manifest_problem() if (output_dir / RUN_FILE).exists() else None
         raise OutputRefused(
             f"--output_dir {output_dir} {holds} {foreign[0]!r}{more}, which dpt_peft did not write"
             f"{f' ({why})' if why else ''}. dpt_peft never deletes, or writes among, files it did not write: {fix}."
