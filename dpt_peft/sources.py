@@ -74,10 +74,19 @@ def recorded_name(name_or_path: str | None) -> str | None:
 
 
 def fit_to_shipped_model(config: DPTConfig, model_name_or_path: str | None) -> None:
-    """`SHIPPED_MODEL_FITS` for the fields `config` leaves at DPTConfig's defaults, on a shipped model (a saved adapter
-    never holds such a default: it could not have been made on that model)."""
+    """On a shipped model: refuse an adapter recorded for the other shipped model (the toy CLIP and toy SigLIP have
+    one shape, so only their names tell their adapters apart when a config's family is wrong), and apply
+    `SHIPPED_MODEL_FITS` to the fields `config` leaves at DPTConfig's defaults (a saved adapter never holds such a
+    default: it could not have been made on that model)."""
+    base = recorded_name(model_name_or_path) or ""
+    recorded = config.base_model_name_or_path
+    if base in SHIPPED_MODELS and recorded in SHIPPED_MODELS and recorded != base:
+        raise UserInputError(
+            f"This adapter was made for the shipped {recorded} (base_model_name_or_path in adapter_config.json), not "
+            f"for {base}: load it into {recorded}, e.g. AutoDPTModel.from_pretrained(adapter)."
+        )
     defaults = {f.name: f.default for f in dataclasses.fields(DPTConfig)}
-    for name, value in SHIPPED_MODEL_FITS.get(recorded_name(model_name_or_path) or "", {}).items():
+    for name, value in SHIPPED_MODEL_FITS.get(base, {}).items():
         if getattr(config, name) == defaults[name]:
             logger.info(
                 "%s=%s on the shipped %s (the default %s does not fit it)",

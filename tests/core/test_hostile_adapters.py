@@ -79,3 +79,15 @@ def test_class_names_with_control_characters_are_refused_at_the_config():
     for name in ("a\x1b[31mred", "bell\x07", "nul\x00", "two\rlines"):
         with pytest.raises(UserInputError, match="control character"):
             DPTConfig(class_names=["cat", name])
+
+
+def test_a_toy_siglip_adapter_claiming_clip_is_refused_by_the_toy_clip(tmp_path):
+    """The toy CLIP and toy SigLIP share every size: a SigLIP adapter whose config says "clip" is told apart by the
+    shipped base it records."""
+    from dpt_peft.sources import load_base_model
+
+    siglip = get_peft_model(load_base_model("dpt-peft/toy-siglip"), DPTConfig(class_names=["circle", "square"]))
+    siglip.save_pretrained(tmp_path / "adapter")
+    folder = edited(tmp_path / "adapter", tmp_path, {"base_model_family": "clip"})
+    with pytest.raises(UserInputError, match=r"made for the shipped dpt-peft/toy-siglip .*not for dpt-peft/toy-clip"):
+        PeftModel.from_pretrained(load_base_model(), folder)
