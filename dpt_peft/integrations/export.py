@@ -11,6 +11,7 @@ refused, naming the difference.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import __version__
 from ..data.images import open_rgb
 from ..sources import load_adapted_model
 from ..toy.shapes import render
@@ -130,7 +130,7 @@ def export_adapter(
         "base_model_family": config.base_model_family or "",
         "dtype": dtype,
         "outputs": json.dumps(module.output_names),
-        "version": __version__,
+        "version": _package_version(),
     }
     path = (_write_onnx if format == "onnx" else _write_program)(folder, model_file, program, module, opset, metadata)
     expected = [reference.logits, reference.image_embeds][: len(module.output_names)]
@@ -308,3 +308,11 @@ def serving_readme(model_file, module, processor_config, metadata, opset, differ
         "",
     ]
     return "\n".join(lines)
+
+
+def _package_version() -> str:
+    """dpt-peft's version as installed (the package's metadata: no import of dpt_peft/__init__.py from a layer)."""
+    try:
+        return importlib.metadata.version("dpt-peft")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
