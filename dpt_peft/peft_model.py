@@ -30,8 +30,8 @@ from .class_prompts import TaskClasses
 from .layer import DPTLayer, ParameterKind
 from .model_card import ModelCardInfo, build_model_card
 from .outputs import DPTOutput
+from .utils.durable import plain_file_mode
 from .utils.errors import InputTypeError, UserInputError
-from .utils.write_policy import plain_file_mode
 
 # Passed by generic training loops (transformers' Trainer among them); they do not change a DPT forward.
 IGNORED_FORWARD_ARGUMENTS = {"return_dict", "return_loss"}

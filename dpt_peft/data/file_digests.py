@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..utils.durable import sha256_of
 from ..utils.write_policy import atomic_write_bytes
 from .cache_dir import default_cache_dir
 
@@ -29,12 +30,9 @@ def content_digest(path: str | os.PathLike, cache_dir: Path | None = None) -> st
             return cached
     except (OSError, UnicodeDecodeError):
         pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    digest = sha256_of(Path(path))
     try:
-        atomic_write_bytes(entry, digest.hexdigest().encode(), durable=False)
+        atomic_write_bytes(entry, digest.encode(), durable=False)
     except OSError:
         pass
-    return digest.hexdigest()
+    return digest
