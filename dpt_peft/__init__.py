@@ -13,6 +13,8 @@ from .integrations.auto import AutoDPTModel
 from .integrations.inference import Prediction, predict
 from .integrations.pipeline import DPTImageClassificationPipeline, DPTZeroShotPipeline, register_pipeline
 from .layer import ClassAwarePromptGenerator, ForwardContext, ParameterKind, TextContextEmbeddings, VisionPromptLayer
+from .lora_adapter import LoraClassifierConfig, clip_lora_config
+from .lora_classifier import LoraClassifier
 from .model import DPTModel
 from .outputs import DPTOutput
 from .peft_model import DPTPeftModel
@@ -48,11 +50,14 @@ __all__ = [
     "DPTTrainer",
     "DPTZeroShotPipeline",
     "ForwardContext",
+    "LoraClassifier",
+    "LoraClassifierConfig",
     "ParameterKind",
     "Prediction",
     "TextContextEmbeddings",
     "VisionPromptLayer",
+    "clip_lora_config",
     "init_visual_prompts_from_prototypes",
     "predict",
 ]
-__version__ = "0.5.0"
+__version__ = "0.6.0"

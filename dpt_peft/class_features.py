@@ -18,6 +18,8 @@ from torch import nn
 from .backbones import Backbone
 from .class_prompts import PromptLayout, TaskClasses
 from .config import DPTConfig
+from .consistency import consistency_on, consistency_template_ids
+from .label_space import LabelSpaces
 from .layer import ForwardContextSlot, TextContextEmbeddings
 from .shared_prefix import encode_with_shared_prefix, shared_prefix_length, usable_prefix_length
 
@@ -60,6 +62,35 @@ class ClassFeatures:
                 return self.encode_text(classes.template_ids, None, adapter_name, config.text_encoding)
 
         key = (adapter_name, classes.names, "zero_shot")
+        with torch.no_grad():
+            return self._cached(key, self._stamp(), compute, config.cache_class_features)
+
+    def consistency_targets(
+        self, adapter_name: str, config: DPTConfig, classes: TaskClasses, label_spaces: LabelSpaces
+    ) -> torch.Tensor | None:
+        """Frozen class features `[C, P]` the self-consistency terms aim at (None when they are off): the zero-shot
+        ones, or the average over `config.consistency_templates`, tokenized with the adapter's tokenizer on a cache
+        miss only. The un-normalized features are averaged, as PromptSRC's targets (`VLPromptLearner.__init__`)."""
+        if not consistency_on(config.consistency_weights):
+            return None
+        if config.consistency_templates is None:
+            return self.zero_shot(adapter_name, config, classes)
+
+        def compute() -> torch.Tensor:
+            tokenizer, prompt_format = label_spaces.tokenizer(adapter_name), label_spaces.prompt_format(adapter_name)
+            all_ids = consistency_template_ids(
+                tokenizer,
+                prompt_format,
+                list(classes.names),
+                config.consistency_templates,
+                self._backbone.text_context_length,
+                config.pad_text_to_context,
+            )
+            with self._slot.install(bypass=True):
+                features = [self.encode_text(ids, None, adapter_name, config.text_encoding) for ids in all_ids]
+            return torch.stack(features).mean(dim=0)
+
+        key = (adapter_name, classes.names, "consistency", tuple(config.consistency_templates))
         with torch.no_grad():
             return self._cached(key, self._stamp(), compute, config.cache_class_features)
 

@@ -15,6 +15,12 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .adapter_files import AdapterFileError, check_config_matches_weights, read_config_json, read_local_adapter
 from .backbones import Backbone
 from .class_names import DEFAULT_TASK, ClassNames, validate_class_names
+from .config_checks import (
+    check_config_for_model,
+    checked_consistency_templates,
+    checked_consistency_weights,
+    checked_zero_shot_ensemble,
+)
 from .peft_types import DPT_PEFT_TYPE, DPT_TASK_TYPE
 from .utils.errors import UserInputError
 
@@ -125,6 +131,17 @@ class DPTConfig(PeftConfig):
             the same too: `"shared_prefix"` computes them once and lets each class's own tokens attend to them
             (exact; much cheaper with many classes). `"auto"` uses it whenever there is such a prefix; `"full"`
             encodes every prompt whole (reference). The shared path ignores text-layer hooks and checkpointing.
+        consistency_weights (`tuple[float, float, float]`, *optional*):
+            Self-consistency regularization of PromptSRC (https://arxiv.org/abs/2307.06948): weights of the L1 term
+            between prompted and frozen image features, of the L1 term between learned and frozen class features, and
+            of the KL term between zero-shot and prompted logits, added to the training loss (PromptSRC: 10, 25, 1).
+            `None` or zeros: off, and the loss is exactly DPT's. See docs/method.md, "Keeping what CLIP knew".
+        consistency_templates (`list[str]`, *optional*):
+            Templates whose frozen class features, averaged, the text and logit terms aim at (PromptSRC averages 60
+            ImageNet templates: `dpt_peft.consistency.PROMPTSRC_TEMPLATES`); `None`: `zero_shot_template` alone.
+        zero_shot_ensemble (`float`, *optional*):
+            At inference (eval mode), mix the adapter's class probabilities with this weight and the frozen zero-shot
+            classifier's with the rest; `logits` become the log of the mixture. `None`: the adapter alone.
         initialized_from (`list[str]`, *optional*):
             Recorded when `init_from` is applied at creation (which then becomes `None`), so that loading the saved
             adapter never reads the sources again. Leave it unset.
@@ -186,6 +203,18 @@ class DPTConfig(PeftConfig):
         metadata={
             "help": "Class prompts' text path: 'auto' (shared prefix once when prompts share one), or force one."
         },
+    )
+    consistency_weights: tuple[float, float, float] | None = field(
+        default=None,
+        metadata={
+            "help": "Self-consistency weights: image, text, logits (PromptSRC's 10 25 1, arxiv.org/abs/2307.06948)."
+        },
+    )
+    consistency_templates: list[str] | None = field(
+        default=None, metadata={"help": "Templates averaged for the consistency targets (None: zero_shot_template)."}
+    )
+    zero_shot_ensemble: float | None = field(
+        default=None, metadata={"help": "At inference, weight of the adapter's probabilities; the rest zero-shot's."}
     )
     initialized_from: list[str] | None = field(
         default=None, metadata={"help": "Recorded: the init_from sources applied when the adapter was created."}
@@ -302,49 +331,7 @@ class DPTConfig(PeftConfig):
 
     def validate_for_model(self, backbone: Backbone) -> None:
         """Checks that need the base model (its shape, its text tower); raised before anything is injected."""
-        if self.base_model_family is None and self.vision_hidden_size is not None:  # a saved adapter names its family
-            raise UserInputError(
-                "adapter_config.json records the base model's shape but not its family (base_model_family), so it "
-                f'could be another family\'s adapter of the same shape; add "base_model_family": "{backbone.family}" '
-                "if it was trained on this kind of model."
-            )
-        if self.base_model_family not in (None, backbone.family):
-            raise UserInputError(
-                f"This adapter was made for a {self.base_model_family} base model (base_model_family in "
-                f"adapter_config.json) and cannot load into a {backbone.family} one: prompts are learned for one "
-                f"model's embeddings. Load it into the {self.base_model_family} model it was trained on "
-                f"({self.base_model_name_or_path or 'see adapter_config.json'}), or train a new adapter for this model."
-            )
-        actual = backbone.shape
-        mismatched = {k: (getattr(self, k), v) for k, v in actual.items() if getattr(self, k) not in (None, v)}
-        if mismatched:
-            details = ", ".join(f"{k}: adapter {a}, model {m}" for k, (a, m) in mismatched.items())
-            raise UserInputError(
-                f"This adapter was made for a CLIP of another shape ({details}); load it into the base model it "
-                f"was trained on ({self.base_model_name_or_path or 'see adapter_config.json'}). A DPTConfig "
-                "records the shape of the first CLIP it is applied to: for another CLIP, create a new DPTConfig."
-            )
-        if self.text_encoding == "shared_prefix" and not backbone.causal_text:
-            raise UserInputError(
-                f"text_encoding='shared_prefix' needs a causal text tower, and the {backbone.family} one attends in "
-                "both directions (every position sees the class tokens, so nothing is shared); use 'auto' or 'full'."
-            )
-        num_layers, text_context_length = actual["vision_num_layers"], backbone.text_context_length
-        if self.visual_depth is not None and self.visual_depth > num_layers:
-            raise UserInputError(
-                f"visual_depth={self.visual_depth} exceeds the {num_layers} vision layers of the base model; "
-                f"use a value from 1 to {num_layers}, or None."
-            )
-        if self.class_aware_layer is not None and not 0 <= self.class_aware_layer < num_layers:
-            raise UserInputError(
-                f"class_aware_layer={self.class_aware_layer} is not a vision layer of the base model; "
-                f"use a 0-based index from 0 to {num_layers - 1}, or None for the last layer."
-            )
-        if self.learn_text_context and self.text_init is None and self.num_text_tokens >= text_context_length - 2:
-            raise UserInputError(
-                f"num_text_tokens={self.num_text_tokens} leaves no room for a class name in the text encoder's "
-                f"context of {text_context_length} tokens; use fewer than {text_context_length - 3}."
-            )
+        check_config_for_model(self, backbone)
 
     def _validate(self) -> None:
         if self.modules_to_save:
@@ -354,6 +341,9 @@ class DPTConfig(PeftConfig):
             )
         validate_class_names(self.class_names)
         self._validate_numbers()
+        self.consistency_weights = checked_consistency_weights(self.consistency_weights)
+        self.consistency_templates = checked_consistency_templates(self.consistency_templates)
+        self.zero_shot_ensemble = checked_zero_shot_ensemble(self.zero_shot_ensemble)
         if self.learn_text_context and self.text_init is None and self.num_text_tokens < 1:
             raise UserInputError(
                 f"num_text_tokens={self.num_text_tokens}: the text context needs at least 1 token; set "

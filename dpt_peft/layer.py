@@ -39,6 +39,7 @@ class ParameterKind(str, enum.Enum):
     TEXT_CONTEXT = "text_context"
     VISUAL_PROMPTS = "visual_prompts"
     CLASS_AWARE = "class_aware"
+    LORA = "lora"  # a LoRA matrix of `lora_classifier.LoraClassifier` (the --method lora baseline)
 
 
 @dataclass

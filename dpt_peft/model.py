@@ -13,7 +13,6 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -22,6 +21,7 @@ from .backbones import Backbone, backbone_for
 from .class_features import ClassFeatures
 from .class_prompts import TaskClasses
 from .config import DPTConfig
+from .consistency import consistency_on, ensemble_logits
 from .inputs import check_pixel_values, checked_labels
 from .label_space import LabelSpaces
 from .layer import (
@@ -34,7 +34,7 @@ from .layer import (
     TextContextEmbeddings,
     VisionPromptLayer,
 )
-from .losses import class_aware_cross_entropy, guidance_loss
+from .losses import ForwardTensors, training_loss
 from .outputs import DPTOutput
 from .sources import fit_to_shipped_model, recorded_name
 from .transfer import copy_shared_tensors, shared_source_tensors
@@ -398,7 +398,7 @@ class DPTModel(BaseTuner):
         zero_shot_image_features: torch.Tensor | None = None,
         output_text_embeds: bool = False,
     ) -> DPTOutput:
-        """Classify images over the active adapter's classes (docs/method.md, sections 1-4).
+        """Classify images over the active adapter's classes (docs/method.md, sections 1-4, 10).
 
         `guidance=True` uses the general-knowledge-guidance loss of the reference's first epochs. `labels` index
         the task's class list. `attention_classes` (`[M]` class indices) reports in `class_aware_attentions` the
@@ -407,6 +407,8 @@ class DPTModel(BaseTuner):
         adapter's label space for good). `zero_shot_image_features` are the frozen CLIP's features of these images
         when the caller has them already (an evaluation set seen before): exact, and one image pass cheaper.
         `output_text_embeds=True` adds the class features `[C, P]`, the one output without a batch dimension.
+        `consistency_weights` add PromptSRC's terms to the loss (`loss_terms` has each part); `zero_shot_ensemble`, in
+        eval mode only, makes `logits` the log of the adapter's and the zero-shot classifier's mixed probabilities.
         """
         adapter_name = self._active
         config: DPTConfig = self.peft_config[adapter_name]
@@ -422,15 +424,17 @@ class DPTModel(BaseTuner):
         check_pixel_values(pixel_values)
         labels = checked_labels(labels, len(pixel_values), classes.num_classes) if labels is not None else None
         text = self.class_features.learned(adapter_name, config, classes)
+        regularized = labels is not None and consistency_on(config.consistency_weights)
+        ensembled = config.zero_shot_ensemble is not None and not self.training
         zero_shot_logits = zero_shot_image = zero_shot_text = top_k = None
-        if config.class_aware or guidance or output_zero_shot_logits:
+        if needs_zero_shot := config.class_aware or guidance or output_zero_shot_logits or regularized or ensembled:
             zero_shot_text = self.class_features.zero_shot(adapter_name, config, classes)
-            zero_shot_image = (
-                self.zero_shot_image_features(pixel_values)
-                if zero_shot_image_features is None
-                else zero_shot_image_features.to(pixel_values.device)
-            )
-            zero_shot_logits = self.backbone.logits(zero_shot_image, zero_shot_text)
+            if zero_shot_image_features is not None:
+                zero_shot_image = zero_shot_image_features.to(pixel_values.device)
+            elif config.class_aware or config.has_visual_prompts:  # else the prompted pass below is the frozen one
+                zero_shot_image = self.zero_shot_image_features(pixel_values)
+            if zero_shot_image is not None:
+                zero_shot_logits = self.backbone.logits(zero_shot_image, zero_shot_text)
         inputs: dict[str, Any] = {"record_attention": output_attentions}
         if config.class_aware:
             top_k = zero_shot_logits.topk(min(config.class_aware_top_k, classes.num_classes), dim=-1).indices
@@ -440,24 +444,23 @@ class DPTModel(BaseTuner):
                 inputs["probe_class_features"] = probes.unsqueeze(0).expand(len(pixel_values), -1, -1)
         with self.forward_context(**inputs) as context:
             image = self.backbone.image_features(pixel_values)
+        if needs_zero_shot and zero_shot_image is None:  # no visual prompts (CoOp): the same pass, exactly
+            zero_shot_image = image.detach()
+            zero_shot_logits = self.backbone.logits(zero_shot_image, zero_shot_text)
         span = slice(classes.offset, classes.offset + classes.num_classes)
-        # The auxiliary classifier belongs to the training label space: no auxiliary logits over other classes.
-        own_classes = class_names is None
+        own_classes = class_names is None  # the auxiliary classifier belongs to the training label space only
         class_aware_logits = tuple(logits[..., span] for logits in context.class_aware_logits) if own_classes else ()
         attentions = context.probe_attentions if attention_classes is not None else context.class_aware_attentions
         logits = self.backbone.logits(image, text)
 
-        loss = class_aware_loss = None
+        loss = class_aware_loss = loss_terms = None
         if labels is not None:
-            labels = labels.to(logits.device)
-            if guidance:
-                frozen_image_logits = self.backbone.logits(zero_shot_image, text)
-                loss = guidance_loss(logits, frozen_image_logits, self.backbone.logits(image, zero_shot_text), labels)
-            else:
-                loss = F.cross_entropy(logits, labels)
-            if class_aware_logits:
-                class_aware_loss = class_aware_cross_entropy(class_aware_logits, top_k, labels)
-                loss = loss + config.class_aware_loss_weight * class_aware_loss
+            targets = self.class_features.consistency_targets(adapter_name, config, classes, self.label_spaces)
+            frozen = (zero_shot_image, zero_shot_text, zero_shot_logits)
+            tensors = ForwardTensors(image, text, logits, *frozen, class_aware_logits, top_k, targets)
+            loss, class_aware_loss, loss_terms = training_loss(self.backbone, config, tensors, labels, guidance)
+        if ensembled:  # at inference only: the loss above is the adapter's own
+            logits = ensemble_logits(logits, zero_shot_logits, config.zero_shot_ensemble)
         return DPTOutput(
             loss=loss,
             logits=logits,
@@ -468,4 +471,5 @@ class DPTModel(BaseTuner):
             class_aware_attentions=tuple(attentions[i] for i in sorted(attentions)) or None,
             image_embeds=image,
             text_embeds=text if output_text_embeds else None,
+            loss_terms=loss_terms,
         )

@@ -1,7 +1,8 @@
 """Output of a DPT forward.
 
-By default every output but the two scalar losses is batch-first (or absent), so transformers' Trainer can concatenate
-what it gathers over batches; `text_embeds`, the class features without a batch dimension, come only when asked.
+By default every output but the scalar losses (and their named parts) is batch-first (or absent), so transformers'
+Trainer can concatenate what it gathers over batches; `text_embeds`, the class features without a batch dimension,
+come only when asked.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class DPTOutput(ModelOutput):
         image_embeds (`torch.Tensor`): Prompted image features `[batch, projection_dim]` (un-normalized).
         text_embeds (`torch.Tensor`, *optional*): Class features `[num_classes, projection_dim]` (un-normalized);
             only with `output_text_embeds=True`, being the one output without a batch dimension.
+        loss_terms (`dict[str, torch.Tensor]`, *optional*): Each weighted part of `loss` as a detached scalar (they add
+            up to it): `cross_entropy` (or `guidance` in guidance epochs), `class_aware` with CAVPT, and the
+            `consistency_image`, `consistency_text`, `consistency_logits` terms with a weight above 0; present only when
+            `consistency_weights` are on and labels are given.
     """
 
     loss: torch.Tensor | None = None
@@ -42,3 +47,4 @@ class DPTOutput(ModelOutput):
     class_aware_attentions: tuple[torch.Tensor, ...] | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None

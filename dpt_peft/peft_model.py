@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from .adapter_files import AdapterFileError
 from .backbones import Backbone
 from .class_prompts import TaskClasses
+from .config_checks import checked_zero_shot_ensemble
 from .layer import DPTLayer, ParameterKind
 from .model_card import ModelCardInfo, build_model_card
 from .outputs import DPTOutput
@@ -204,6 +205,14 @@ class DPTPeftModel(PeftModel):
     ) -> None:
         """Switch an adapter's label space for good, keeping its learned prompts (see `DPTModel.set_class_names`)."""
         self.base_model.set_class_names(class_names, adapter_name, zero_shot_template)
+
+    def set_zero_shot_ensemble(self, weight: float | None, adapter_name: str | None = None) -> None:
+        """Mix the adapter's class probabilities (weight `weight`, in [0, 1]) with the frozen zero-shot classifier's
+        (the rest) in every forward in eval mode; None: the adapter alone. It is the config's `zero_shot_ensemble`,
+        so a saved adapter records it (docs/method.md, section 10)."""
+        adapter_name = adapter_name or self.active_adapter
+        self.base_model.check_adapter_names(adapter_name)
+        self.peft_config[adapter_name].zero_shot_ensemble = checked_zero_shot_ensemble(weight)
 
     def save_pretrained(
         self,

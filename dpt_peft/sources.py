@@ -21,10 +21,19 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .backbones import BACKBONES, backbone_for
 from .config import DPTConfig
+from .lora_adapter import LoraClassifierConfig
+from .lora_classifier import LoraClassifier
 from .utils.errors import MissingInputError, UserInputError
 
 TOY_CLIP_ID = "dpt-peft/toy-clip"
@@ -135,11 +144,32 @@ def load_image_processor(model_name_or_path: str | None = None, *, revision: str
     return AutoImageProcessor.from_pretrained(resolve(model_name_or_path or TOY_CLIP_ID), **hub)
 
 
+def load_tokenizer(
+    model_name_or_path: str | None = None, *, revision: str | None = None, **hub: Any
+) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer (the toy CLIP's without a name); `hub`: `token`, `cache_dir`, ..."""
+    if revision is not None:
+        hub["revision"] = revision
+    return AutoTokenizer.from_pretrained(resolve(model_name_or_path or TOY_CLIP_ID), **hub)
+
+
+def read_adapter_config(
+    adapter: str | os.PathLike, subfolder: str | None = None, revision: str | None = None, **hub: Any
+) -> DPTConfig | LoraClassifierConfig:
+    """A saved adapter's config, checked once before anything is built: a LoRA adapter of `--method lora` (its
+    `peft_type` in adapter_config.json) as its `LoraClassifierConfig`, any other as `DPTConfig.from_pretrained`
+    reads and checks it."""
+    lora = LoraClassifierConfig.from_pretrained(adapter, subfolder, revision, **hub)
+    if lora is not None:
+        return lora
+    return DPTConfig.from_pretrained(str(adapter), subfolder=subfolder, revision=revision, as_adapter=True, **hub)
+
+
 def load_adapter_and_base(
     adapter: str | os.PathLike,
     model_name_or_path: str | None = None,
     *,
-    config: DPTConfig | None = None,
+    config: DPTConfig | LoraClassifierConfig | None = None,
     base_config: PretrainedConfig | None = None,
     adapter_name: str = "default",
     is_trainable: bool = False,
@@ -147,19 +177,19 @@ def load_adapter_and_base(
     low_cpu_mem_usage: bool = False,
     **kwargs: Any,
 ) -> PeftModel:
-    """Base model and DPT adapter from the adapter's folder or Hub repo id, in eval mode (train mode with
-    `is_trainable`), as `DPTPeftModel`.
+    """Base model and adapter from the adapter's folder or Hub repo id, in eval mode (train mode with
+    `is_trainable`): a `DPTPeftModel`, or a `LoraClassifier` for a LoRA adapter of `--method lora`.
 
-    The adapter is checked once, before the base model loads (`DPTConfig.from_pretrained`: the folder complete,
-    another method's adapter refused, every size against the weights' header), and that config is what PEFT loads
-    the weights with.
+    The adapter is checked once, before the base model loads (`read_adapter_config`: the folder complete, every size
+    against the weights' header), and that config is what PEFT loads the weights with; a LoRA adapter's recorded
+    family and shape are checked against the base model before its weights load.
 
     Args:
         adapter: Folder or Hub repo id holding `adapter_config.json` and the weights.
         model_name_or_path: Load the adapter onto this copy of its base model instead of the one it records (e.g. a
             local folder); it must have the same shape.
-        config: The adapter's config when the caller already holds it (`DPTConfig.from_pretrained(adapter)`, e.g.
-            a command that checked the adapter before loading its data): the adapter is not read again.
+        config: The adapter's config when the caller already holds it (`read_adapter_config(adapter)`, e.g. a
+            command that checked the adapter before loading its data): the adapter is not read again.
         base_config: The base model's `PretrainedConfig` (as transformers' `pipeline()` passes it).
         revision: Revision of the adapter repo; the base model is loaded at the revision the adapter records.
         low_cpu_mem_usage: Create the adapter's tensors on the meta device and assign the saved ones (PEFT's option;
@@ -172,7 +202,7 @@ def load_adapter_and_base(
     source = str(adapter)
     if config is None:
         subfolder = adapter_options.get("subfolder")
-        config = DPTConfig.from_pretrained(source, subfolder=subfolder, revision=revision, as_adapter=True, **hub)
+        config = read_adapter_config(source, subfolder, revision, **hub)
     name, base_revision = _base_model_source(config, model_name_or_path, source)
     if base_config is not None:
         kwargs["config"] = base_config
@@ -188,12 +218,17 @@ def load_adapter_and_base(
     if low_cpu_mem_usage and "torch_device" not in adapter_options:
         # Assigned tensors keep the device they were read to: read them where the base model is.
         adapter_options["torch_device"] = str(backbone_for(base).text_parameter.device)
-    model = PeftModel.from_pretrained(  # DPTPeftModel, through DPT's task type
+    if isinstance(config, LoraClassifierConfig):  # a plain PEFT LoRA adapter and the classifier recorded beside it
+        loader = LoraClassifier.from_pretrained
+        adapter_options.update(classifier=config, tokenizer=load_tokenizer(name, revision=base_revision, **hub))
+    else:
+        loader = PeftModel.from_pretrained  # DPTPeftModel, through DPT's task type
+        adapter_options["config"] = config
+    model = loader(
         base,
         source,
         adapter_name=adapter_name,
         is_trainable=is_trainable,
-        config=config,
         revision=revision,
         low_cpu_mem_usage=low_cpu_mem_usage,
         **adapter_options,
@@ -219,7 +254,7 @@ def load_adapted_model(
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), processor
 
 
-def _base_model_source(config: DPTConfig, model_name_or_path: str | None, adapter: str) -> tuple[str, str | None]:
+def _base_model_source(config: Any, model_name_or_path: str | None, adapter: str) -> tuple[str, str | None]:
     """The base model to load an adapter onto, and its revision: the one the adapter records, unless the caller
     names another copy (then the recorded revision, which belongs to the recorded model, does not apply)."""
     if model_name_or_path:

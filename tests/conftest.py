@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import save_tiny_clip
+from siglip_helpers import save_tiny_siglip
 from transformers import CLIPModel
 
 import dpt_peft  # noqa: F401  (registers DPT with PEFT)
@@ -13,6 +14,17 @@ import dpt_peft  # noqa: F401  (registers DPT with PEFT)
 @pytest.fixture(scope="session")
 def clip_path(tmp_path_factory) -> str:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_path(tmp_path_factory) -> str:
+    return save_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"))
+
+
+@pytest.fixture(params=["clip", "siglip"])
+def base_path(request, clip_path, tiny_siglip_path) -> str:
+    """A tiny CLIP, then a tiny SigLIP: a test of what every family must do runs on both."""
+    return clip_path if request.param == "clip" else tiny_siglip_path
 
 
 @pytest.fixture

@@ -5,6 +5,10 @@ Widths differ on purpose (vision 48, text 32, projection 24) so that a mix-up of
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
@@ -48,3 +52,20 @@ def save_tiny_clip(path, seed: int = 0, **shape) -> str:
     build_clip_tokenizer(WORDS).save_pretrained(path)
     image_processor().save_pretrained(path)
     return str(path)
+
+
+@contextlib.contextmanager
+def killed_after_epoch(epoch: int) -> Iterator[None]:
+    """A training run inside stops as a kill would, right after the checkpoint of `epoch` (0-based) is written."""
+    from dpt_peft.training.checkpoints import Checkpointer
+
+    original = Checkpointer.save
+
+    def save_then_die(checkpointer, state, identity):
+        original(checkpointer, state, identity)
+        if state["epoch"] == epoch:
+            raise KeyboardInterrupt(f"killed after epoch {epoch}")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Checkpointer, "save", save_then_die)
+        yield

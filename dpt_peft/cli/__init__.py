@@ -15,9 +15,9 @@ import logging
 import os
 import sys
 
-from ..config import DPTConfig
 from ..integrations.inference import expand_paths, predict
-from ..sources import load_adapted_model
+from ..sources import load_adapted_model, read_adapter_config
+from ..training.ensemble import ensemble_in_effect
 from ..utils.write_policy import OutputFolder, check_writable_dir, checked_file
 from .commands import Command, overview, run_command
 from .parsers import (
@@ -58,11 +58,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     --zero_shot_template names one."""
     from ..data.datasets import load_checked_split
     from ..training.evaluation import EvaluationSpec, evaluate_adapter, target_template
+    from ..training.linear_probe_model import evaluate_linear_probe, is_linear_probe
 
     args = evaluate_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_writable_dir(args.output_dir, "--output_dir")  # before the data loads; evaluate_adapter checks its files
-    adapter_config = DPTConfig.from_pretrained(args.adapter, as_adapter=True)  # the one check, before the data loads
+    probe = is_linear_probe(args.adapter)  # a probe run's folder or its probe/: scored by its own weights
+    adapter_config = None if probe else read_adapter_config(args.adapter)  # before the data
 
     _, split, class_names = load_checked_split(
         args.dataset,
@@ -85,10 +87,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         base_to_new=args.base_to_new,
         base_classes=_comma_list(args.base_classes),
         new_classes=_comma_list(args.new_classes),
-        zero_shot_template=args.zero_shot_template or target_template(args.dataset, class_names, adapter_config),
+        zero_shot_template=args.zero_shot_template
+        or (None if probe else target_template(args.dataset, class_names, adapter_config)),
         adapter_config=adapter_config,
+        zero_shot_ensemble=args.zero_shot_ensemble,
     )
-    report = evaluate_adapter(spec, args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
+    evaluate = evaluate_linear_probe if probe else evaluate_adapter
+    report = evaluate(spec, args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
     print(json.dumps({k: v for k, v in report.items() if k != "per_class_accuracy"}, indent=2))
     return report
 
@@ -103,9 +108,19 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
     paths = expand_paths(args.images)
     model, processor = _adapted_model(args)
     predictions = predict(
-        model, paths, top_k=args.top_k, processor=processor, batch_size=args.batch_size, progress=True
+        model,
+        paths,
+        top_k=args.top_k,
+        processor=processor,
+        batch_size=args.batch_size,
+        progress=True,
+        zero_shot_ensemble=args.zero_shot_ensemble,
     )
-    rows = [{"path": p.source, "labels": p.labels, "probabilities": p.scores} for p in predictions]
+    ensemble = args.zero_shot_ensemble if args.zero_shot_ensemble is not None else ensemble_in_effect(model)
+    rows = [
+        {"path": p.source, "labels": p.labels, "probabilities": p.scores, "zero_shot_ensemble": ensemble}
+        for p in predictions
+    ]
     folder.write_text(name, "".join(json.dumps(row) + "\n" for row in rows))
     width = max((len(row["path"]) for row in rows), default=4)
     print(f"{'image':<{width}}  top classes")
@@ -150,6 +165,7 @@ def ablation_main(argv: list[str] | None = None) -> dict | list[str]:
     `parsers.ablation_parser`, then train's)."""
     from ..experiments.ablation import (
         ablation_commands,
+        ablation_variants,
         check_report_target,
         method_results,
         report_paths,
@@ -162,20 +178,23 @@ def ablation_main(argv: list[str] | None = None) -> dict | list[str]:
     markdown, figure = report_paths(args.output_dir, args.docs_dir)
     check_writable_dir(args.output_dir, "--output_dir")  # the runs' folder, also when the reports go elsewhere
     options, config_options = parse_given_flags(extra)
+    variants = ablation_variants(args.methods, args.variant)  # checked before any run
+    grid = (args.output_dir, tuple(args.seeds), options, config_options)
     if args.print_commands:
-        return _print_commands(ablation_commands(args.output_dir, tuple(args.seeds), options, config_options))
+        return _print_commands(ablation_commands(*grid, variants=variants))
     check_report_target(markdown, figure, args.overwrite_reports, "--docs_dir" if args.docs_dir else "--output_dir")
     command = " ".join(["dpt-peft ablation", *(sys.argv[1:] if argv is None else argv)])
     try:
-        results = run_ablation(args.output_dir, tuple(args.seeds), options, config_options, _executor(args))
+        results = run_ablation(*grid, executor=_executor(args), variants=variants)
     except GridRunsFailed as failed:
         if failed.finished:
-            write_report(method_results(failed.finished), markdown, figure, command, options, config_options)
+            done = method_results(failed.finished)
+            write_report(done.accuracies, markdown, figure, command, *grid[2:], done.costs, variants)
         raise
-    write_report(results, markdown, figure, command, options, config_options)
+    write_report(results.accuracies, markdown, figure, command, *grid[2:], results.costs, variants)
     with open(markdown) as f:
         print(f.read())
-    return results
+    return results.accuracies
 
 
 def benchmark_main(argv: list[str] | None = None) -> str | list[str]:
@@ -194,6 +213,7 @@ def benchmark_main(argv: list[str] | None = None) -> str | list[str]:
         shots=args.shots,
         seeds=args.seeds,
         methods=args.methods,
+        variants=args.variant,
         model_name_or_path=args.model_name_or_path,
         options=options,
         config_options=config_options,

@@ -4,8 +4,12 @@ texts that dpt_peft_launcher.py prints without importing torch (written by `pyth
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import math
+import shlex
 
-from .train_args import HelpFormatter, add_train_fields
+from .train_args import HelpFormatter, add_train_fields, parse_given_flags
 
 EVALUATE_DESCRIPTION = """Evaluate an adapter on a dataset split, optionally on base and new classes apart.
 
@@ -17,16 +21,19 @@ VISUALIZE_DESCRIPTION = """Draw the class-aware attention maps of each image's t
 
 With --context, also print the vocabulary tokens nearest to each learned context vector."""
 ABLATION_DESCRIPTION = (
-    "Compare zero-shot CLIP, CoOp, VPT, VPT+CoOp and DPT on the embedded default over several seeds."
+    "Compare zero-shot CLIP, a linear probe, CoOp, VPT, VPT+CoOp, DPT and LoRA on the embedded default over seeds."
     """
 
-Writes results.md, results.json and ablation.png. Any of train's flags given here go to every training run (e.g.
---epochs 10); `dpt-peft train --help` lists them."""
+Writes results.md (accuracy per seed, mean and std, trainable parameters and training time per method),
+results.json and ablation.png. Any of train's flags given here go to every training run (e.g. --epochs 10);
+`dpt-peft train --help` lists them. --variant adds a row whose runs also get its own flags, e.g.
+--variant 'dpt_src=--method dpt --consistency_weights 10 25 1'."""
 )
 BENCHMARK_DESCRIPTION = """Run the paper's protocols on the CoOp datasets as a resumable grid of runs, and report them.
 
 Writes results.md, results.csv and plots to --output_dir. Any of train's flags given here go to every training run;
-`dpt-peft train --help` lists them."""
+`dpt-peft train --help` lists them. --variant adds a row whose runs also get its own flags. A linear probe scores
+only the classes it was trained on: its new-class (base-to-new) and cross-dataset cells read n/a, with the reason."""
 DATA_DESCRIPTION = "Check that CoOp datasets are laid out, split and complete as CoOp expects (`data check`)."
 
 
@@ -73,7 +80,29 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "(default: a CoOp dataset's own when the adapter learned none of its classes, as the benchmark; else the "
         "adapter's).",
     )
+    _add_zero_shot_ensemble(parser)
     return parser
+
+
+def _add_zero_shot_ensemble(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--zero_shot_ensemble",
+        type=_ensemble_weight,
+        default=None,
+        metavar="W",
+        help="Mix in the frozen zero-shot classifier: W x the adapter's probabilities + (1 - W) x zero-shot's, e.g. "
+        "0.5 (default: the adapter's own setting; none: the adapter alone).",
+    )
+
+
+def _ensemble_weight(text: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = math.nan
+    if not 0 <= weight <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r}: give the adapter's weight as a number in [0, 1], e.g. 0.5")
+    return weight
 
 
 def _image_parser(command: str, description: str, top_k: int) -> argparse.ArgumentParser:
@@ -95,6 +124,7 @@ def predict_parser() -> argparse.ArgumentParser:
         help="Replace an --output file that dpt_peft did not write (its own earlier predictions are always replaced).",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
+    _add_zero_shot_ensemble(parser)
     return parser
 
 
@@ -157,6 +187,44 @@ def _add_executor_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_row_flags(parser: argparse.ArgumentParser, default_methods: list[str]) -> None:
+    """The rows of a grid's table (`ablation`, `benchmark`): methods, and named variants with their own flags."""
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=default_methods,
+        help="Methods, one row each (train's --method: linear_probe needs pip install 'dpt-peft[probe]').",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        type=_variant,
+        default=None,
+        metavar="NAME=FLAGS",
+        help="A further row NAME whose runs get train's FLAGS on top of the grid's (part of their identity; their "
+        "folders are named NAME); repeatable, e.g. 'dpt_src=--method dpt --consistency_weights 10 25 1'.",
+    )
+
+
+def _variant(text: str):
+    """--variant NAME=FLAGS: the row's name and train's flags, parsed as train parses them."""
+    from ..experiments.grid import Variant
+
+    name, sep, flags = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give NAME=FLAGS, e.g. 'dpt_src=--method dpt --consistency_weights 10 25 1'"
+        )
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):
+            options, config = parse_given_flags(shlex.split(flags))
+    except SystemExit:  # train's parser refused a flag: its own message, in one line
+        reason = (messages.getvalue().strip().splitlines() or ["not train's flags"])[-1]
+        raise argparse.ArgumentTypeError(f"{text!r}: {reason.removeprefix('dpt-peft train: error: ')}") from None
+    return Variant(name.strip(), options, config, flags.strip())
+
+
 def _gpu_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(entry) for entry in text.split(",") if entry.strip())
@@ -183,6 +251,9 @@ def ablation_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds of every method's runs (CoOp's)."
     )
+    from ..experiments.ablation import METHODS
+
+    _add_row_flags(parser, list(METHODS))
     _add_executor_flags(parser)
     return parser
 
@@ -196,9 +267,7 @@ def benchmark_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datasets", nargs="+", default=list(FEW_SHOT_DATASETS), help="Training (or target) datasets.")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="Training images per class.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds of every cell's runs.")
-    parser.add_argument(
-        "--methods", nargs="+", default=["coop", "vpt", "vpt_coop", "dpt"], help="Methods (train's --method presets)."
-    )
+    _add_row_flags(parser, ["coop", "vpt", "vpt_coop", "dpt"])
     parser.add_argument("--model_name_or_path", default="openai/clip-vit-base-patch16", help="Base CLIP.")
     parser.add_argument("--output_dir", default="outputs/benchmark", help="Folder of the grid's runs and reports.")
     parser.add_argument(

@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from ..config import METHOD_PRESETS, DPTConfig
 from ..training.arguments import CONFIG_FLAGS, SHIPPED_CONFIG_DEFAULTS, TrainArguments
+from ..training.lora_arguments import LORA_FIELDS
 from ..utils.write_policy import UserInputError, read_json
 
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -120,11 +121,13 @@ class TrainArgumentParser(HfArgumentParser):
         groups = {
             "training": self.add_argument_group("training arguments"),
             "data": self.add_argument_group("data arguments"),
+            "lora": self.add_argument_group("LoRA arguments (--method lora; defaults: CLIP-LoRA's recipe)"),
             "config": self.add_argument_group("DPTConfig overrides (of the --method preset)"),
         }
         train_hints = typing.get_type_hints(TrainArguments)
         for f in dataclasses.fields(TrainArguments):
-            self.add_field(groups["data" if f.name in DATA_FIELDS else "training"], f, train_hints[f.name])
+            group = "data" if f.name in DATA_FIELDS else "lora" if f.name in LORA_FIELDS else "training"
+            self.add_field(groups[group], f, train_hints[f.name])
         for f in dataclasses.fields(DPTConfigOverrides):
             self.add_field(groups["config"], f, f.type)
         self.dataclass_types = [TrainArguments, DPTConfigOverrides]
@@ -141,6 +144,10 @@ class TrainArgumentParser(HfArgumentParser):
         field.type = hint
         names = [*f.metadata.get("aliases", ()), *aliases]
         bare_true = {"nargs": "?", "const": True} if hint == bool | None else {}
+        sized = next((a for a in typing.get_args(hint) if typing.get_origin(a) is tuple), None)
+        if sized is not None:  # a fixed-size tuple (--consistency_weights 10 25 1): that many values of its type
+            field.type = typing.get_args(sized)[0] | None
+            bare_true = {"nargs": len(typing.get_args(sized)), "metavar": "W"}
         field.metadata = types.MappingProxyType({**f.metadata, **bare_true, "aliases": [*names, *_dash_forms(names)]})
         cls._parse_dataclass_field(container, field)
 

@@ -24,16 +24,21 @@ from ..data.catalog import COOP_DATASETS, DOMAIN_GENERALIZATION_TARGETS, FEW_SHO
 from ..data.check import require_data
 from ..data.coop_readers import load_coop_dataset, missing_images, prompt_class_names
 from ..training.evaluation import EvaluationSpec, evaluate_adapter
+from ..training.linear_probe import METHOD as LINEAR_PROBE
+from ..training.linear_probe_model import PROBE_DIR, evaluate_linear_probe, load_probe
 from ..utils.errors import UserInputError
-from .benchmark_report import aggregate, check_report_target, write_report
+from .benchmark_report import COSTS, NOT_SCORED, aggregate, check_report_target, write_report
 from .executors import ExecutorSpec, GridRunsFailed, execute, train_commands
-from .grid import GridRun, read_result
+from .grid import GridRun, Variant, check_grid_options, check_variants, read_result
 
 PROTOCOLS = ("few_shot", "base_to_new", "cross_dataset", "domain_generalization")
 SOURCE_DATASET = "imagenet"  # the source of the two transfer protocols
 CROSS_DATASET_TARGETS = tuple(name for name in FEW_SHOT_DATASETS if name != SOURCE_DATASET)
 RESULT_FILE = "result.json"
 EVAL_FILE = "eval_metrics.json"
+# Why a linear probe's cell reads n/a: it has weights only for the classes it was trained on.
+NEW_CLASSES = "a linear probe has weights only for the classes it was trained on: it cannot score new classes"
+OTHER = "a linear probe has weights only for the classes it was trained on: it cannot score another dataset's"
 __all__ = [
     "DOMAIN_GENERALIZATION_TARGETS",
     "FEW_SHOT_DATASETS",
@@ -107,6 +112,12 @@ class GridSpec:
     model_name_or_path: str | None = None
     options: dict = field(default_factory=dict)
     config_options: dict = field(default_factory=dict)
+    variants: list[Variant] | None = None  # further rows, each with its own train flags
+
+    @property
+    def rows(self) -> list[Variant]:
+        """The table's rows: one per method, then the variants."""
+        return [Variant.of_method(method) for method in self.methods] + list(self.variants or ())
 
     @property
     def skip_missing_images(self) -> bool:
@@ -119,7 +130,7 @@ class GridSpec:
     def runs(self) -> list[RunSpec]:
         """The training runs: on `datasets`, or on ImageNet for domain generalization (`datasets` are its targets)."""
         sources = self.datasets if self.protocol != "domain_generalization" else [SOURCE_DATASET]
-        return plan(self.protocol, sources, self.shots, self.seeds, self.methods)
+        return plan(self.protocol, sources, self.shots, self.seeds, [row.name for row in self.rows])
 
     def evaluation_targets(self) -> list[str]:
         """The datasets an ImageNet adapter of a transfer protocol is scored on (none for the other protocols)."""
@@ -138,7 +149,9 @@ def run_protocol(grid: GridSpec, executor: ExecutorSpec | None = None) -> list[d
 
 
 def checked_runs(grid: GridSpec) -> list[GridRun]:
-    """The grid's runs, once every dataset they read is checked."""
+    """The grid's runs, once its rows and every dataset they read are checked."""
+    check_variants(grid.rows)
+    check_grid_options(grid.options)
     specs = grid.runs()
     needed = list(dict.fromkeys([spec.dataset for spec in specs] + grid.evaluation_targets()))
     require_data(grid.data_root, needed, grid.skip_missing_images)
@@ -148,10 +161,11 @@ def checked_runs(grid: GridSpec) -> list[GridRun]:
 def _grid_run(grid: GridSpec, spec: RunSpec) -> GridRun:
     """The training run of `spec`, in its own folder under the grid's."""
     run_dir = Path(grid.output_dir) / spec.relative_dir
+    row = next(row for row in grid.rows if row.name == spec.method)
     fields = {
         "dataset": spec.dataset,
         "data_root": grid.data_root,
-        "method": spec.method,
+        "method": row.method,
         "shots": spec.shots,
         "seed": spec.seed,
         "output_dir": str(run_dir / "train"),
@@ -161,10 +175,9 @@ def _grid_run(grid: GridSpec, spec: RunSpec) -> GridRun:
         fields["subsample_classes"] = "base"
     if grid.model_name_or_path:
         fields["model_name_or_path"] = grid.model_name_or_path
-    finish = Evaluation(spec, run_dir / "train", grid)
-    return GridRun.make(
-        str(spec.relative_dir), fields, grid.options, grid.config_options, run_dir / RESULT_FILE, finish
-    )
+    finish = Evaluation(spec, run_dir / "train", grid, row.method)
+    options, config_options = row.run_options(grid.options, grid.config_options)
+    return GridRun.make(str(spec.relative_dir), fields, options, config_options, run_dir / RESULT_FILE, finish)
 
 
 @dataclass(frozen=True)
@@ -175,10 +188,12 @@ class Evaluation:
     spec: RunSpec
     train_dir: Path
     grid: GridSpec
+    method: str = "dpt"  # train's --method of the run's row
 
     def __call__(self, run: GridRun, metrics: dict) -> dict:
-        """The run's result: its place in the grid and its numbers."""
-        return {**asdict(self.spec), **self.result(metrics, self.grid.evaluation_targets())}
+        """The run's result: its place in the grid, its numbers and its costs (`COSTS`, from its metrics.json)."""
+        costs = {key: metrics.get(key) for key in COSTS}
+        return {**asdict(self.spec), **self.result(metrics, self.grid.evaluation_targets()), **costs}
 
     def result(self, metrics: dict, evaluation_targets: list[str]) -> dict:
         """The run's numbers, with the images skipped as unreadable or missing from disk in all it scored."""
@@ -186,6 +201,8 @@ class Evaluation:
         counts = {"skipped_images": metrics.get("skipped_images", 0), "missing_images": missing_images(test)}
         if self.spec.protocol == "few_shot":
             return {"accuracy": metrics["accuracy"], "zero_shot_accuracy": metrics["zero_shot_accuracy"], **counts}
+        if self.spec.protocol == "base_to_new" and self.method == LINEAR_PROBE:
+            return {**probe_base_to_new(metrics), **counts}
         if self.spec.protocol == "base_to_new":
             report = self.evaluate(self.spec.dataset, self.train_dir.parent / "eval", base_to_new=True)
             keys = (
@@ -197,12 +214,23 @@ class Evaluation:
             )
             return {**{key: report["base_to_new"][key] for key in keys}, **_counts(report)}
         result = {"source_accuracy": metrics["accuracy"], **counts}
+        if self.method == LINEAR_PROBE and self.spec.protocol == "cross_dataset":
+            return {**result, **dict.fromkeys(evaluation_targets), NOT_SCORED: dict.fromkeys(evaluation_targets, OTHER)}
         for target in evaluation_targets:
+            if self.method == LINEAR_PROBE and not self.probe_knows(target):
+                result[target] = None
+                result.setdefault(NOT_SCORED, {})[target] = OTHER
+                continue
             report = self.evaluate(target, self.train_dir.parent / "eval" / target)
             result[target] = report["accuracy"]
             for key, count in _counts(report).items():
                 result[key] += count
         return result
+
+    def probe_knows(self, dataset: str) -> bool:
+        """Whether the run's linear probe has weights for every class of `dataset` (ImageNet-A's are ImageNet's)."""
+        _, record = load_probe(self.train_dir)
+        return set(prompt_class_names(self.test_split(dataset))) <= set(record["class_names"])
 
     def test_split(self, dataset: str) -> Dataset:
         return load_coop_dataset(dataset, self.grid.data_root, self.grid.skip_missing_images)["test"]
@@ -213,15 +241,28 @@ class Evaluation:
         if written is not None:
             return written
         test = self.test_split(dataset)
+        probe = self.method == LINEAR_PROBE  # scored by its weights, on classes it was trained on (DG's targets)
         spec = EvaluationSpec(
-            adapter=str(self.train_dir / "adapter"),
+            adapter=str(self.train_dir / (PROBE_DIR if probe else "adapter")),
             split=test,
             class_names=prompt_class_names(test),
             model_name_or_path=self.grid.model_name_or_path,
             base_to_new=base_to_new,
             zero_shot_template=None if base_to_new else self.grid.given_template or dataset_spec(dataset).template,
         )
-        return evaluate_adapter(spec, str(out))
+        return (evaluate_linear_probe if probe else evaluate_adapter)(spec, str(out))
+
+
+def probe_base_to_new(metrics: dict) -> dict:
+    """A linear probe's base-to-new result: trained and tested on the base classes (its run's own test), no new
+    classes to score, said in the result (`NOT_SCORED`) that the report prints as n/a."""
+    new = ("new_accuracy", "harmonic_mean", "zero_shot_new_accuracy")
+    return {
+        "base_accuracy": metrics["accuracy"],
+        **dict.fromkeys(new),
+        "zero_shot_base_accuracy": metrics["zero_shot_accuracy"],
+        NOT_SCORED: dict.fromkeys(new, NEW_CLASSES),
+    }
 
 
 def _counts(report: dict) -> dict[str, int]:

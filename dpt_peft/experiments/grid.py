@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,13 +22,96 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import load_tasks
 from ..training.arguments import TrainArguments
+from ..training.linear_probe import METHOD as LINEAR_PROBE
+from ..training.linear_probe import USED_CONFIG_VALUES, check_probe_dependency, probe_identity
 from ..training.run_dir import first_difference, read_json
 from ..training.run_layout import METRICS_FILE, RUN_FILE, continue_options
 from ..training.setup import run_identity
 from ..training.trainer import train
+from ..utils.errors import UserInputError
 from ..utils.write_policy import OutputFolder, OutputRefused
 
 logger = logging.getLogger(__name__)
+# What `train --method` takes (TrainArguments' Literal): a grid accepts exactly these.
+TRAIN_METHODS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainArguments)["method"])
+# The order of a table's rows: the baselines, the prompt methods, LoRA; variants follow in the order given.
+METHOD_ORDER = ("linear_probe", "coop", "vpt", "vpt_coop", "dpt", "lora")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+# Train flags that the grid sets for each run, so a variant may not.
+GRID_SET_FLAGS = ("output_dir", "seed", "resume_from_checkpoint", "overwrite_output_dir")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a grid's table: its name (also its runs' folder name) and the training flags its runs get on top
+    of those given for every run. `--methods coop` is the row "coop" with --method coop; `--variant NAME=FLAGS` is
+    the row NAME with FLAGS (any of train's, e.g. --method dpt --consistency_weights 10 25 1), which are part of the
+    runs' identity like every other argument."""
+
+    name: str
+    options: dict = field(default_factory=dict)  # TrainArguments values, --method among them
+    config_options: dict = field(default_factory=dict)  # DPTConfig values
+    flags: str = ""  # as the user wrote them, for the report
+
+    @classmethod
+    def of_method(cls, method: str) -> Variant:
+        return cls(method, {"method": method}, {}, f"--method {method}")
+
+    @property
+    def method(self) -> str:
+        return self.options.get("method", TrainArguments.method)
+
+    def run_options(self, options: dict, config_options: dict) -> tuple[dict, dict]:
+        """The TrainArguments and DPTConfig values of this row's runs: the grid's, then its own (they win). A linear
+        probe learns no prompts: of the grid's DPTConfig values it takes only those its zero-shot classifier uses."""
+        if self.method == LINEAR_PROBE:
+            config_options = {k: v for k, v in config_options.items() if k in USED_CONFIG_VALUES}
+        return {**options, **self.options}, {**config_options, **self.config_options}
+
+
+def check_variants(variants: Sequence[Variant], flag: str = "--methods") -> None:
+    """A grid's rows, refused before any work: unknown methods, names that cannot name a folder, a name twice, and a
+    linear probe without scikit-learn."""
+    if not variants:
+        raise UserInputError(f"{flag}: name at least one method (or a --variant).")
+    seen: set[str] = set()
+    for variant in variants:
+        if variant.method not in TRAIN_METHODS:
+            raise UserInputError(
+                f"{flag}: {variant.method!r} is not a method of train; choose from {', '.join(TRAIN_METHODS)}."
+            )
+        if not VARIANT_NAME.fullmatch(variant.name) or variant.name == "zero_shot":
+            raise UserInputError(
+                f"--variant {variant.name!r}: a row's name names its runs' folders; use letters, digits and _ . + - "
+                "(at most 64, not 'zero_shot'), e.g. dpt_src=--consistency_weights 10 25 1."
+            )
+        fixed = [name for name in GRID_SET_FLAGS if name in variant.options]
+        if fixed:
+            raise UserInputError(f"--variant {variant.name}: --{fixed[0]} is set by the grid for each run; drop it.")
+        if variant.name in seen:
+            raise UserInputError(f"{flag}: the row {variant.name!r} is given twice; give each method or name once.")
+        seen.add(variant.name)
+    if any(variant.method == LINEAR_PROBE for variant in variants):
+        check_probe_dependency()
+
+
+def check_grid_options(options: dict) -> None:
+    """The train flags given for every run of a grid: --method would make every row the same method."""
+    if "method" in options:
+        raise UserInputError(
+            f"--method {options['method']} would train every row as {options['method']}; name the rows with "
+            "--methods, or a row with its own flags with --variant NAME='--method ...'."
+        )
+
+
+def row_order(name: str, variants: Sequence[Variant] = ()) -> tuple[int, int, str]:
+    """Sort key of a table's rows: zero-shot, the methods in `METHOD_ORDER`, then the other rows as given."""
+    if name == "zero_shot":
+        return 0, 0, name
+    if name in METHOD_ORDER:
+        return 1, METHOD_ORDER.index(name), name
+    names = [variant.name for variant in variants]
+    return 2, names.index(name) if name in names else len(names), name
 
 
 class RunFinish(Protocol):
@@ -112,7 +197,8 @@ def check_identity(run: GridRun) -> None:
         )
     fix = "delete the run's folder to redo it, or choose another --output_dir."
     recorded = read_json(run_file, "the arguments of a finished run of this grid", fix)
-    _, identity = run_identity(run.args, run.config_overrides, load_tasks(run.args.data_spec))
+    identity_of = probe_identity if run.args.method == LINEAR_PROBE else run_identity
+    _, identity = identity_of(run.args, run.config_overrides, load_tasks(run.args.data_spec))
     difference = first_difference(recorded, identity)
     if difference is not None:
         raise OutputRefused(

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from ..data.catalog import DOMAIN_GENERALIZATION_TARGETS, FEW_SHOT_DATASETS
 
 DPT_PAPER = "not published in a form we could read (the DPT paper's tables; its code holds no results or logs)"
+# CLIP-LoRA (Zanella and Ben Ayed, CVPRW 2024): its official README shows the few-shot results only as a figure.
+CLIP_LORA_README = (
+    "its official README (MaxZanella/CLIP-LoRA, read at commit 358f0d7) shows the few-shot results only as a figure "
+    "(few_shot.png), in no table: no cell is transcribed"
+)
 PER_DATASET_SOURCE = "later papers' copies of the original tables (at least two copies agree on every cell)"
 CROSS_DATASET_COLUMNS = ("source_accuracy", *FEW_SHOT_DATASETS[1:], "average")
 DOMAIN_GENERALIZATION_COLUMNS = ("source_accuracy", *DOMAIN_GENERALIZATION_TARGETS, "average")

@@ -20,6 +20,7 @@ from transformers import AutoImageProcessor
 
 from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
 from ..sources import resolve
+from ..training.ensemble import zero_shot_ensemble_for_call
 from ..utils.errors import MissingInputError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,21 @@ def predict(
     processor=None,
     batch_size: int = 64,
     progress: bool = False,
+    zero_shot_ensemble: float | None = None,
 ) -> list[Prediction]:
     """Top-k classes of each image. Images are PIL images, paths, or preprocessed tensors `[3, H, W]`.
+    `zero_shot_ensemble`: for this call, the weight of the adapter's probabilities, the rest the zero-shot
+    classifier's (default: the adapter's own setting).
 
     An unreadable or corrupt file is skipped with a warning naming it; it has no `Prediction`.
     """
+    with zero_shot_ensemble_for_call(model, zero_shot_ensemble):
+        return _predict(model, images, top_k, task, processor, batch_size, progress)
+
+
+def _predict(
+    model, images: Iterable[ImageInput], top_k: int, task: str | None, processor, batch_size: int, progress: bool
+) -> list[Prediction]:
     items = [torch.unbind(x) if isinstance(x, torch.Tensor) and x.dim() == 4 else [x] for x in images]
     items = [x for group in items for x in group]
     processor = (

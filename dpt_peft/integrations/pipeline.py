@@ -27,7 +27,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..class_names import display_names
 from ..data.images import UNREADABLE_IMAGE_ERRORS, open_rgb
+from ..lora_classifier import LoraClassifier
 from ..peft_model import DPTPeftModel
+from ..training.ensemble import checked_weight, zero_shot_ensemble_for_call
 from ..utils.errors import DownloadError, DownloadTimeout, InputTypeError, MissingInputError, UserInputError
 from .auto import AutoDPTModel
 from .inference import image_processor_for
@@ -57,6 +59,8 @@ class DPTImageClassificationPipeline(Pipeline):
         candidate_labels: classify over these names for this call only (the adapter's learned context is applied to
             them); the adapter's own classes, config and weights are unchanged.
         task: the task of a multitask adapter (its label space); ignored with `candidate_labels`.
+        zero_shot_ensemble: for this call, the weight of the adapter's probabilities, the rest the frozen zero-shot
+            classifier's (e.g. 0.5; default: the adapter's own setting); the adapter's config is unchanged.
         hypothesis_template: accepted for compatibility with `"zero-shot-image-classification"` and ignored: the
             adapter's learned context replaces it.
 
@@ -79,10 +83,11 @@ class DPTImageClassificationPipeline(Pipeline):
     _load_tokenizer = False  # the adapter holds the tokenizer its class prompts were built with
 
     def __init__(self, model: DPTPeftModel, image_processor: Any = None, **kwargs: Any) -> None:
-        if not isinstance(model, DPTPeftModel):
+        if not isinstance(model, (DPTPeftModel, LoraClassifier)):
             raise InputTypeError(
-                f"The {TASK!r} pipeline needs a DPT adapter: a DPTPeftModel (get_peft_model, PeftModel.from_pretrained "
-                f"or AutoDPTModel.from_pretrained), an adapter directory or a Hub repo id; got {type(model).__name__}."
+                f"The {TASK!r} pipeline needs a DPT or dpt-peft LoRA adapter: a DPTPeftModel (get_peft_model, "
+                "PeftModel.from_pretrained or AutoDPTModel.from_pretrained), a LoraClassifier, an adapter directory or "
+                f"a Hub repo id; got {type(model).__name__}."
             )
         self._template_noted = False
         if image_processor is None:
@@ -117,13 +122,14 @@ class DPTImageClassificationPipeline(Pipeline):
         timeout: float | None = None,
         download_deadline: float | None = None,
         max_download_bytes: int | None = None,
+        zero_shot_ensemble: float | None = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         unexpected = sorted(set(kwargs) - IGNORED_PIPELINE_ARGUMENTS)
         if unexpected:
             raise InputTypeError(
                 f"Unexpected argument(s) {unexpected} for the {TASK!r} pipeline; it takes top_k, candidate_labels, "
-                "task, hypothesis_template, timeout, download_deadline and max_download_bytes."
+                "task, hypothesis_template, timeout, download_deadline, max_download_bytes and zero_shot_ensemble."
             )
         preprocess, forward, postprocess = {}, {}, {}
         for name, value in (
@@ -143,6 +149,8 @@ class DPTImageClassificationPipeline(Pipeline):
             forward["candidate_labels"] = postprocess["candidate_labels"] = _checked_candidates(candidate_labels)
         if task is not None:
             forward["task"] = postprocess["task"] = task
+        if zero_shot_ensemble is not None:
+            forward["zero_shot_ensemble"] = checked_weight(zero_shot_ensemble)
         if hypothesis_template is not None and not self._template_noted:
             logger.warning(
                 "hypothesis_template is ignored: a DPT adapter puts each label into its learned context instead."
@@ -169,6 +177,13 @@ class DPTImageClassificationPipeline(Pipeline):
         model_inputs: dict[str, torch.Tensor],
         candidate_labels: tuple[str, ...] | None = None,
         task: str | None = None,
+        zero_shot_ensemble: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        with zero_shot_ensemble_for_call(self.model, zero_shot_ensemble):
+            return self._logits(model_inputs, candidate_labels, task)
+
+    def _logits(
+        self, model_inputs: dict[str, torch.Tensor], candidate_labels: tuple[str, ...] | None, task: str | None
     ) -> dict[str, torch.Tensor]:
         pixel_values = model_inputs["pixel_values"].to(self._pixel_dtype())
         if candidate_labels is None or list(candidate_labels) == self._own_class_names(task):

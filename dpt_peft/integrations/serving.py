@@ -5,8 +5,9 @@ class features. `ServingClassifier` computes the class side once, under `no_grad
 it as buffers, so a traced graph never reaches the model's class-feature cache (keyed by tensor storage, which traced
 tensors do not have), its tokenizer or its label spaces. Its forward is `DPTModel.classify` at inference: CAVPT's
 frozen pass picks each image's top-K classes (K is fixed: a static shape), the prompted pass, the family's logits.
-`export_program` traces it with a dynamic batch dimension and drops the weights the image path never reads (the
-text tower's), so a saved program holds the image side only.
+An adapter saved with a zero-shot ensemble (`zero_shot_ensemble`) is served with it, as `evaluate` and `predict` score
+it: its logits are the log of the mixed probabilities. `export_program` traces it with a dynamic batch dimension and
+drops the weights the image path never reads (the text tower's), so a saved program holds the image side only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind
 
+from ..consistency import ensemble_logits
 from ..peft_model import DPTPeftModel
 from ..utils.errors import InputTypeError, UserInputError
 
@@ -49,9 +51,10 @@ class ServingClassifier(nn.Module):
         config = model.peft_config[model.active_adapter]
         # CAVPT's queries are each image's top-K classes, picked by the frozen model's zero-shot logits.
         self.top_k = min(config.class_aware_top_k, len(self.class_names)) if config.class_aware else 0
+        self.ensemble_weight = config.zero_shot_ensemble  # a float or None: a constant of the traced graph
         with torch.no_grad():
             self.register_buffer("class_features", model.class_text_features(task).detach().clone())
-            if self.top_k:
+            if self.top_k or self.ensemble_weight is not None:
                 zero_shot = model.zero_shot_text_features(task).detach().clone()
                 self.register_buffer("zero_shot_class_features", zero_shot)
 
@@ -62,14 +65,17 @@ class ServingClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         backbone = self.model.backbone
         pixel_values = pixel_values.to(self.class_features.dtype)
-        inputs = {}
-        if self.top_k:
+        inputs, zero_shot_logits = {}, None
+        if self.top_k or self.ensemble_weight is not None:
             frozen = self.model.zero_shot_image_features(pixel_values)
-            top_k = backbone.logits(frozen, self.zero_shot_class_features).topk(self.top_k, dim=-1).indices
-            inputs["class_features"] = self.class_features[top_k]
+            zero_shot_logits = backbone.logits(frozen, self.zero_shot_class_features)
+        if self.top_k:
+            inputs["class_features"] = self.class_features[zero_shot_logits.topk(self.top_k, dim=-1).indices]
         with self.model.forward_context(**inputs):  # PeftModel hands the tuner's forward_context through
             image = backbone.image_features(pixel_values)
         logits = backbone.logits(image, self.class_features).float()
+        if self.ensemble_weight is not None:
+            logits = ensemble_logits(logits, zero_shot_logits.float(), self.ensemble_weight)
         return (logits, image.float()) if self.output_image_embeds else logits
 
 

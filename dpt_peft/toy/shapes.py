@@ -34,12 +34,20 @@ VOCABULARY = [*SHAPES, *COLOURS, *SIZES, *POSITIONS, "a", "photo", "of", "the", 
 class ShapeBatch:
     images: np.ndarray  # [B, 32, 32, 3] uint8
     shapes: np.ndarray  # [B] index into SHAPES
-    colours: np.ndarray
+    colours: np.ndarray  # [B] the palette colour drawn (what pre-training captions name); see `fills`
     sizes: np.ndarray
     positions: np.ndarray
+    fills: np.ndarray  # [B, 3] float: the colour each shape is painted (jittered, or repainted off the palette)
 
 
-def _masks(shape: np.ndarray, dx: np.ndarray, dy: np.ndarray, radius: np.ndarray) -> np.ndarray:
+def nearest_colours(fills: np.ndarray) -> np.ndarray:
+    """The index into COLOURS of the palette colour nearest (in RGB) to each of `fills` [B, 3]: what a shape's
+    colour is called, also when the downstream shift repainted it off the palette."""
+    palette = np.array(list(COLOURS.values()), dtype=float)
+    return np.argmin(((np.asarray(fills, dtype=float)[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+
+
+def shape_masks(shape: np.ndarray, dx: np.ndarray, dy: np.ndarray, radius: np.ndarray) -> np.ndarray:
     """Boolean masks [B, H, W] of each sample's shape, centred at the origin of (dx, dy)."""
     r = radius[:, None, None]
     distance = np.sqrt(dx**2 + dy**2)
@@ -74,7 +82,7 @@ def render(
     grid = np.arange(IMAGE_SIZE, dtype=float) + 0.5
     dx = grid[None, None, :] - centre[:, 0, None, None]
     dy = grid[None, :, None] - centre[:, 1, None, None]
-    mask = _masks(shapes, dx, dy, radius)
+    mask = shape_masks(shapes, dx, dy, radius)
 
     palette = np.array(list(COLOURS.values()), dtype=float)[colours]
     palette = palette + rng.normal(0, 12, size=palette.shape)
@@ -87,7 +95,7 @@ def render(
     images = np.where(mask[..., None], palette[:, None, None, :], background)
     if shift:
         images = images + rng.normal(0, 18 * shift, size=images.shape)
-    return ShapeBatch(np.clip(images, 0, 255).astype(np.uint8), shapes, colours, sizes, positions)
+    return ShapeBatch(np.clip(images, 0, 255).astype(np.uint8), shapes, colours, sizes, positions, palette)
 
 
 def captions(batch: ShapeBatch, rng: np.random.Generator) -> list[str]:

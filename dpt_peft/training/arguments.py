@@ -18,9 +18,12 @@ from ..data.catalog import COOP_DATASETS
 from ..data.spec import DataSpec
 from ..sources import SHIPPED_MODEL_FITS, TOY_CLIP_ID, TOY_SIGLIP_ID
 from ..utils.errors import InputTypeError, UserInputError
-from .recipe import Recipe, guidance_epochs_for
+from .lora_arguments import FLOAT32_MAX, LoraArguments
+from .prompt_averaging import check_prompt_averaging
+from .recipe import LoraRecipe, Recipe, guidance_epochs_for
+from .run_identity import run_identity
+from .run_layout import default_output_dir
 
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 # Every DPTConfig field a user sets is a flag (they override the --method preset).
 CONFIG_FLAGS = tuple(DPTConfig.user_field_names())
 # DPTConfig values of the toy CLIP where the paper's do not fit (any dataset): its text context has 16 positions, too
@@ -33,26 +36,12 @@ SHIPPED_CONFIG_DEFAULTS = {
     TOY_CLIP_ID: TOY_CONFIG_DEFAULTS,
     TOY_SIGLIP_ID: {**TOY_CONFIG_DEFAULTS, "num_visual_tokens": 2},
 }
-# Arguments that may differ between a run and its resumption.
-RESUMABLE = (
-    "resume_from_checkpoint",
-    "overwrite_output_dir",
-    "push_to_hub",
-    "hub_model_id",
-    "base_model_id",
-    "report_to",
-    "torch_compile",
-    "verbose",
-    "dataloader_num_workers",
-    "gradient_checkpointing",
-    "eval_strategy",  # its effect is eval_every's
-)
 # A `datasets` object given as `dataset`: its name in metrics, reports and the model card.
 GIVEN_DATASET_NAME = "dataset"
 
 
 @dataclass
-class TrainArguments:
+class TrainArguments(LoraArguments):
     """The DPT recipe of docs/method.md, section 5 (SGD, two parameter groups, cosine, guidance first)."""
 
     model_name_or_path: str | None = field(
@@ -94,8 +83,12 @@ class TrainArguments:
         default="test", metadata={"help": "Held-out split; when missing, the images not drawn for training."}
     )
     shots: int = field(default=16, metadata={"help": "Training images per class."})
-    method: Literal["coop", "vpt", "vpt_coop", "dpt"] = field(
-        default="dpt", metadata={"help": "Ablation preset; DPTConfig flags override it."}
+    method: Literal["coop", "vpt", "vpt_coop", "dpt", "linear_probe", "lora"] = field(
+        default="dpt",
+        metadata={
+            "help": "Ablation preset (DPTConfig flags override it); linear_probe: logistic regression on the frozen "
+            "image features (CoOp's baseline; pip install 'dpt-peft[probe]')."
+        },
     )
     augment: bool | None = field(
         default=None,
@@ -193,6 +186,16 @@ class TrainArguments:
             "aliases": ["--load_best_model_at_end"],
         },
     )
+    prompt_averaging: Literal["none", "gaussian"] = field(
+        default="none",
+        metadata={"help": "'gaussian': save the Gaussian-weighted average of the epochs' prompts (GPA)."},
+    )
+    prompt_averaging_mean: float | None = field(
+        default=None, metadata={"help": "GPA's centre, an epoch (1-based); default 0.75 x --epochs (PromptSRC: 15/20)."}
+    )
+    prompt_averaging_std: float | None = field(
+        default=None, metadata={"help": "GPA's std in epochs; default 0.05 x --epochs (PromptSRC: 1 of 20)."}
+    )
     verbose: bool = field(default=False, metadata={"help": "Log INFO messages (default: warnings and a progress bar)."})
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
@@ -210,7 +213,7 @@ class TrainArguments:
     def __post_init__(self) -> None:
         self._take_dataset_object()
         if self.output_dir is None:  # each base model its own run folder: README's commands run one after another
-            self.output_dir = default_output_dir(self.model_name_or_path)
+            self.output_dir = default_output_dir(self.model_name_or_path, self.method)
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
         self.report_to = [name.strip() for entry in self.report_to for name in entry.split(",") if name.strip()]
@@ -236,6 +239,7 @@ class TrainArguments:
                     f"--{name} {getattr(self, name)} does not fit a float32 parameter update (the run would diverge "
                     "at its first step); use a learning rate such as 0.002."
                 )
+        self.check_lora()
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             raise UserInputError(f"--dataloader_num_workers {self.dataloader_num_workers} must be 0 or more.")
         if self.eval_every < 0:
@@ -245,6 +249,8 @@ class TrainArguments:
                 "--save_best needs validation: pass --eval_every N (e.g. 1) or --eval_strategy epoch "
                 "(--load_best_model_at_end is --save_best)."
             )
+        averaging = (self.prompt_averaging, self.prompt_averaging_mean, self.prompt_averaging_std)
+        check_prompt_averaging(*averaging, self.epochs, self.save_best)
         for name in ("visual_warmup_epochs", "text_warmup_epochs", "guidance_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserInputError(f"--{name} {getattr(self, name)} must be 0 or more epochs.")
@@ -320,8 +326,10 @@ class TrainArguments:
         return min((s.visual_warmup_epochs for s in specs if s.visual_warmup_epochs is not None), default=default)
 
     @property
-    def recipe(self) -> Recipe:
-        """The optimizer, schedule and guidance settings, resolved."""
+    def recipe(self) -> Recipe | LoraRecipe:
+        """The optimizer, schedule and guidance settings, resolved (CLIP-LoRA's for --method lora)."""
+        if self.method == "lora":
+            return self.lora_recipe
         return Recipe(
             visual_lr=self.visual_lr,
             text_lr=self.text_lr,
@@ -363,17 +371,6 @@ class TrainArguments:
             overrides["zero_shot_template"] = templates.pop()
         return overrides
 
-    def run_identity(self, config: DPTConfig) -> dict:
-        """What defines a run: resuming or re-using an output dir requires the same values."""
-        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE}
-        identity["dpt_config"] = {k: getattr(config, k) for k in ("class_names", *CONFIG_FLAGS)}
-        return identity
-
-
-def default_output_dir(model_name_or_path: str | None) -> str:
-    """`outputs/dpt-toy` for the toy CLIP, `outputs/dpt-toy-siglip` for the toy SigLIP, else `outputs/dpt-<the
-    model's last name part>` (`openai/clip-vit-base-patch16` -> `outputs/dpt-clip-vit-base-patch16`)."""
-    name = model_name_or_path or TOY_CLIP_ID
-    if name == TOY_CLIP_ID:
-        return "outputs/dpt-toy"
-    return f"outputs/dpt-{Path(name.rstrip('/')).name or 'model'}"
+    def run_identity(self, config: DPTConfig | None) -> dict:
+        """What defines a run (`run_identity.run_identity`): resuming or re-using an output dir requires it equal."""
+        return run_identity(dataclasses.asdict(self), self.unused_fields, config, CONFIG_FLAGS)

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 
 from ..utils.durable import flush_tree, fsync_dir, sha256_of, write_failure
 from .checkpoint_files import CheckpointError, VerifiedCheckpoint
+from .prompt_averaging import PromptAverage
 from .run_dir import RunDir, on_main_process, write_file
 from .run_layout import (
     ADAPTER_DIR,
@@ -36,6 +37,7 @@ from .run_layout import (
     OPTIMIZER_STATE,
     OPTIMIZER_TENSORS,
     PARTIAL_SUFFIX,
+    PROMPT_AVERAGE_TENSORS,
     RNG_STATE,
     RNG_TENSORS,
     SCALER_STATE,
@@ -102,11 +104,14 @@ class Checkpointer:
     ):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.generator, self.run_dir, self.keep = generator, run_dir, keep
+        self.prompt_average: PromptAverage | None = None  # --prompt_averaging gaussian: the loop's, saved with each
+        self.restored_prompt_average: dict[str, torch.Tensor] | None = None  # its tensors `restore` found, if any
 
     def save(self, state: dict, identity: dict) -> None:
         """`checkpoints/epoch_<state["epoch"]>` with the trainer `state` and the run's `identity` (JSON, checked
-        when resuming), written by the main process into `epoch_N.partial` and renamed into place; then the oldest
-        beyond `keep` are removed. A failed write leaves the earlier checkpoints as they were."""
+        when resuming) and the running `prompt_average`, written by the main process into `epoch_N.partial` and
+        renamed into place; then the oldest beyond `keep` are removed. A failed write leaves the earlier checkpoints
+        as they were."""
         accelerator = self.accelerator
         rng = _rng_state(self.generator)
         rng_all = gather_object([rng]) if accelerator.num_processes > 1 else [rng]  # every process's generators
@@ -140,6 +145,8 @@ class Checkpointer:
                 write_file(partial / RNG_STATE, _to_json({"processes": [numbers for numbers, _ in rng_all]}))
                 if accelerator.scaler is not None:
                     write_file(partial / SCALER_STATE, _to_json(accelerator.scaler.state_dict()))
+                if self.prompt_average is not None:
+                    write_file(partial / PROMPT_AVERAGE_TENSORS, save_safetensors(self.prompt_average.to_tensors()))
                 trainer_state = {**state, "accelerator_step": accelerator.step, "run": identity}
                 write_file(partial / STATE_FILE, _to_json(trainer_state))
                 flush_tree(partial)  # the modes a plain write gives (a team reads the run), flushed
@@ -180,12 +187,13 @@ class Checkpointer:
 
     def restore(self, checkpoint: VerifiedCheckpoint) -> None:
         """Restore adapter, optimizer, scheduler, RNG (and fp16 scaler) states on every process, from files whose
-        sha256 is checked again as they are read."""
+        sha256 is checked again as they are read; the tensors of --prompt_averaging are kept in
+        `restored_prompt_average` for the loop."""
         accelerator = self.accelerator
         weights = checkpoint.tensors(ADAPTER_WEIGHTS)
         model = accelerator.unwrap_model(self.model)
         result = set_peft_model_state_dict(model, weights)
-        missing = [k for k in getattr(result, "missing_keys", []) if ".dpt_" in k]
+        missing = [k for k in getattr(result, "missing_keys", []) if ".dpt_" in k or ".lora_" in k]
         if missing:
             raise CheckpointError(
                 f"{checkpoint.path / ADAPTER_DIR} does not fill this model's prompts (missing {missing[:3]}); resume "
@@ -197,6 +205,8 @@ class Checkpointer:
         if accelerator.scaler is not None and SCALER_STATE in checkpoint.files:
             accelerator.scaler.load_state_dict(checkpoint.json(SCALER_STATE))
         accelerator.step = int(checkpoint.state.get("accelerator_step", 0))
+        if PROMPT_AVERAGE_TENSORS in checkpoint.files:
+            self.restored_prompt_average = checkpoint.tensors(PROMPT_AVERAGE_TENSORS)
 
 
 def _write_error(err: Exception, final: Path, run_dir: RunDir) -> OSError | None:

@@ -23,11 +23,14 @@ from ..data.catalog import COOP_DATASETS
 from ..data.coop_readers import missing_images
 from ..data.coop_splits import base_new_labels, keep_classes
 from ..data.loaders import EvalLoader
+from ..lora_adapter import LoraClassifierConfig
+from ..lora_classifier import LoraClassifier
 from ..metrics import ACCURACY_PATH
-from ..sources import load_adapted_model
+from ..sources import load_adapted_model, read_adapter_config
 from ..utils.errors import UserInputError
 from ..utils.plots import plot_per_class
 from ..utils.write_policy import OutputFolder
+from .ensemble import ensemble_in_effect, set_zero_shot_ensemble
 
 EVAL_REPORTS = ("eval_metrics.json", "per_class_accuracy.png")  # what evaluate writes into its --output_dir
 
@@ -137,7 +140,8 @@ class EvaluationSpec:
     base_classes: list[str] | None = None  # default: CoCoOp's halves
     new_classes: list[str] | None = None
     zero_shot_template: str | None = None  # the dataset's own (transfer targets, as DPT builds its model per dataset)
-    adapter_config: DPTConfig | None = None  # already checked (`DPTConfig.from_pretrained(adapter)`): not read again
+    adapter_config: DPTConfig | LoraClassifierConfig | None = None  # already checked (`read_adapter_config`)
+    zero_shot_ensemble: float | None = None  # weight of the adapter's probabilities, the rest zero-shot's (ensemble.py)
 
     @property
     def splits_classes(self) -> bool:
@@ -158,8 +162,9 @@ def evaluate_adapter(spec: EvaluationSpec, output_dir: str, *, overwrite_output_
 def evaluate(spec: EvaluationSpec) -> dict:
     """The report of `spec`: the adapter's `SplitMetrics` on the split, the images missing from disk, and with
     `spec.splits_classes` base, new and harmonic-mean accuracy ("base_to_new"). The zero-shot template given replaces
-    the adapter's for the zero-shot classifier and the CAVPT top-K."""
-    config = spec.adapter_config or DPTConfig.from_pretrained(spec.adapter)
+    the adapter's for the zero-shot classifier and the CAVPT top-K (a LoRA adapter's classifier prompt). A LoRA
+    adapter (`--method lora`) scores any classes, new ones too, through its LoRA'd text encoder."""
+    config = spec.adapter_config or read_adapter_config(spec.adapter)
     check_evaluation(spec, config)  # every refusal the adapter and the spec decide, before the model loads
     accelerator = Accelerator()
     model, processor = load_adapted_model(
@@ -167,6 +172,7 @@ def evaluate(spec: EvaluationSpec) -> dict:
     )
     model = accelerator.prepare(model)
     peft_model = accelerator.unwrap_model(model)
+    set_zero_shot_ensemble(peft_model, spec.zero_shot_ensemble)  # loaded for this evaluation only
     split = undecoded(spec.split, spec.image_column)
     batcher = ReportingImageBatcher(processor, spec.image_column, spec.label_column)
     skips = SkipCounter()
@@ -181,7 +187,8 @@ def evaluate(spec: EvaluationSpec) -> dict:
     overall = score(split, spec.class_names)
     report = {
         "adapter": str(spec.adapter),
-        "zero_shot_template": peft_model.peft_config[peft_model.active_adapter].zero_shot_template,
+        "zero_shot_template": classifier_template(peft_model),
+        "zero_shot_ensemble": ensemble_in_effect(peft_model),
         **overall.to_dict(),
         "missing_images": missing_images(split),
     }
@@ -190,10 +197,20 @@ def evaluate(spec: EvaluationSpec) -> dict:
     return report
 
 
-def target_template(dataset: str, class_names: list[str], config: DPTConfig) -> str | None:
+def classifier_template(model: torch.nn.Module) -> str:
+    """The template the model's zero-shot classifier (a LoRA classifier's, its only one) prompts with."""
+    if isinstance(model, LoraClassifier):
+        return model.classifier.template
+    return model.peft_config[model.active_adapter].zero_shot_template
+
+
+def target_template(dataset: str, class_names: list[str], config: DPTConfig | LoraClassifierConfig) -> str | None:
     """The zero-shot template to score `config`'s adapter on `dataset`: a CoOp dataset's own when the adapter learned
     none of its classes (a cross-dataset target, as the benchmark scores one), else None (the adapter's own: its
-    dataset, or base-to-new halves of it)."""
+    dataset, or base-to-new halves of it). A LoRA adapter keeps its own everywhere, as CLIP-LoRA prompts every
+    dataset with "a photo of a {}."."""
+    if isinstance(config, LoraClassifierConfig):
+        return None
     trained = {name for names in config.tasks.values() for name in names}
     spec = COOP_DATASETS.get(dataset)
     return spec.template if spec is not None and not trained & set(class_names) else None
@@ -203,14 +220,15 @@ def check_evaluation(spec: EvaluationSpec, config: DPTConfig) -> None:
     """The refusals that the adapter's config and the spec decide, made before the model loads or an image is read:
     the zero-shot template, the class counts a class-specific context can serve, and base-to-new with an adapter
     that was trained on some of the 'new' classes."""
-    if spec.zero_shot_template is not None:
-        replace(config, zero_shot_template=spec.zero_shot_template)  # the config's own check names the field
+    if spec.zero_shot_template is not None:  # the config's own check names the field
+        field = "template" if isinstance(config, LoraClassifierConfig) else "zero_shot_template"
+        replace(config, **{field: spec.zero_shot_template})
     trained = [name for names in config.tasks.values() for name in names]
     base, new = (
         base_new_labels(spec.class_names, spec.base_classes, spec.new_classes) if spec.splits_classes else ([], [])
     )
     counts = {len(spec.class_names), *(len(labels) for labels in (base, new) if labels)}
-    if config.class_specific_context and counts != {len(trained)}:
+    if isinstance(config, DPTConfig) and config.class_specific_context and counts != {len(trained)}:
         raise UserInputError(
             f"class_specific_context=True learned one context per class for {len(trained)} classes; it cannot serve "
             f"{sorted(counts - {len(trained)})[0]}. Evaluate it on as many classes as it was trained on, without "

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from ..model_card import ModelCardInfo
 from ..utils.plots import plot_training_curve
 from .evaluation import evaluate_split
+from .prompt_averaging import resolved_mean_std
 from .run_layout import ADAPTER_DIR, BEST_ADAPTER_DIR, CURVE_FILE, HISTORY_FILE, LAST_ADAPTER_DIR, METRICS_FILE
 from .run_state import Run
 
@@ -56,6 +57,16 @@ def load_best_adapter(run: Run) -> None:
     set_peft_model_state_dict(unwrapped, best, adapter_name=unwrapped.active_adapter)
 
 
+def load_prompt_average(run: Run) -> None:
+    """--prompt_averaging gaussian: keep the last epoch's adapter in last_adapter/, then put the Gaussian-weighted
+    average of the epochs' prompts into the model for the test and the final adapter."""
+    accelerator = run.accelerator
+    unwrapped = accelerator.unwrap_model(run.model)
+    if accelerator.is_main_process:
+        run.run_dir.write_folder(LAST_ADAPTER_DIR, unwrapped.save_pretrained)
+    run.prompt_average.load_into({key: parameter for key, (_, parameter) in unwrapped.adapter_parameters().items()})
+
+
 def held_out_metrics(run: Run) -> dict:
     """Every task's `SplitMetrics` on its held-out set: one task's as they are; several tasks' mean of SUMMARY_KEYS,
     their images in all, and each task's own under "tasks"."""
@@ -78,13 +89,21 @@ def held_out_metrics(run: Run) -> dict:
 
 def report(run: Run, wall_time: float) -> dict:
     """Evaluate every task on its held-out set; write the adapter, metrics.json, history.json and the curve. With
-    --load_best_model_at_end these are of the best validation epoch (`adapter_epoch`), else of the last."""
+    --load_best_model_at_end these are of the best validation epoch (`adapter_epoch`), with --prompt_averaging
+    gaussian of the epochs' average (`adapter_epoch` null), else of the last epoch."""
     args, accelerator, state = run.args, run.accelerator, run.state
     run.progress.close()
     adapter_epoch = state.epochs_done - 1
     if args.save_best and state.best_epoch is not None and state.best_epoch != adapter_epoch:
         load_best_adapter(run)
         adapter_epoch = state.best_epoch
+    averaging: dict = {"prompt_averaging": args.prompt_averaging}
+    if run.prompt_average is not None:
+        load_prompt_average(run)
+        adapter_epoch = None
+        mean, std = resolved_mean_std(args.epochs, args.prompt_averaging_mean, args.prompt_averaging_std)
+        averaging.update(prompt_averaging_mean=mean, prompt_averaging_std=std)
+    config = getattr(accelerator.unwrap_model(run.model), "active_peft_config", None)
     metrics = {"method": args.method, **held_out_metrics(run)}
     skipped = run.loaders.skips.skipped  # the run's, training and test images alike
     metrics.update(
@@ -104,6 +123,8 @@ def report(run: Run, wall_time: float) -> dict:
             "best_epoch": state.best_epoch,
             "best_val_accuracy": state.best_val_accuracy,
             "adapter_epoch": adapter_epoch,
+            **averaging,
+            "zero_shot_ensemble": getattr(config, "zero_shot_ensemble", None),  # the adapter's own, if any
         }
     )
     if skipped:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
+from ..sources import TOY_CLIP_ID
+
 RUN_FILE = "run.json"
 LOCK_FILE = ".dpt_peft.lock"
 TRACKER_DIR = "dpt_peft"  # Accelerate's TensorBoard tracker writes <project_dir>/<this project name>/
@@ -39,6 +41,7 @@ SCHEDULER_STATE = "scheduler.json"
 RNG_TENSORS = "rng.safetensors"  # every process's torch and DataLoader generator states
 RNG_STATE = "rng.json"  # every process's Python and NumPy states
 SCALER_STATE = "scaler.json"  # fp16 only
+PROMPT_AVERAGE_TENSORS = "prompt_average.safetensors"  # --prompt_averaging gaussian only: running sums and weight
 STATE_FILE = "trainer_state.json"  # `RunState.to_dict` and the run's identity
 REQUIRED_CHECKPOINT_FILES = (
     ADAPTER_WEIGHTS,
@@ -78,3 +81,18 @@ def continue_options(output_dir: str | os.PathLike) -> dict[str, str | bool]:
     if checkpoint_dirs(Path(output_dir)):
         return {"resume_from_checkpoint": "latest"}
     return {"overwrite_output_dir": True} if (Path(output_dir) / RUN_FILE).exists() else {}
+
+
+# The run folders' first word: the prompt methods share DPT's (their runs refuse each other's folders, as before
+# 0.6); a LoRA or a linear probe is another kind of adapter, so it has its own.
+OUTPUT_PREFIX = {"lora": "lora", "linear_probe": "linear-probe"}
+
+
+def default_output_dir(model_name_or_path: str | None, method: str = "dpt") -> str:
+    """`outputs/dpt-toy` for the toy CLIP, `outputs/dpt-toy-siglip` for the toy SigLIP, else `outputs/dpt-<the
+    model's last name part>` (`openai/clip-vit-base-patch16` -> `outputs/dpt-clip-vit-base-patch16`); `lora-` and
+    `linear-probe-` in place of `dpt-` for those methods (`outputs/lora-toy`)."""
+    name, prefix = model_name_or_path or TOY_CLIP_ID, OUTPUT_PREFIX.get(method, "dpt")
+    if name == TOY_CLIP_ID:
+        return f"outputs/{prefix}-toy"
+    return f"outputs/{prefix}-{Path(name.rstrip('/')).name or 'model'}"

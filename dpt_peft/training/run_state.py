@@ -12,6 +12,7 @@ from ..data.datasets import FewShotData
 from ..data.run_loaders import RunLoaders
 from .arguments import TrainArguments
 from .checkpoints import Checkpointer
+from .prompt_averaging import PromptAverage
 from .recipe import Recipe
 from .run_dir import RunDir
 
@@ -66,6 +67,7 @@ class Run:
     state: RunState
     progress: tqdm
     frozen_val_features: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # per task, per batch
+    prompt_average: PromptAverage | None = None  # --prompt_averaging gaussian: set by the loop, saved each epoch
 
     @property
     def multitask(self) -> bool:

@@ -27,13 +27,16 @@ from ..data.coop_splits import save_split_file
 from ..data.datasets import FewShotData, load_tasks
 from ..data.few_shot import data_fingerprint
 from ..data.run_loaders import LoaderSpec, RunLoaders, build_loaders
+from ..lora_adapter import LoraClassifierConfig, clip_lora_config
+from ..lora_classifier import LoraClassifier
 from ..prototypes import init_visual_prompts_from_prototypes
-from ..sources import load_base_model, load_image_processor
+from ..sources import load_base_model, load_image_processor, load_tokenizer
 from ..utils.errors import UserInputError
 from .arguments import TrainArguments
 from .checkpoint_files import VerifiedCheckpoint, checkpoint_to_resume
 from .checkpoints import Checkpointer
-from .recipe import Recipe, build_optimizer, build_scheduler
+from .lora_schedule import use_iteration_stream
+from .recipe import LoraRecipe, Recipe, build_lora_optimizer, build_lora_scheduler, build_optimizer, build_scheduler
 from .run_dir import RunDir, check_run_flags, normalized
 from .run_layout import SPLITS_DIR, TRACKER_DIR
 from .run_state import Run, RunState
@@ -49,6 +52,7 @@ def setup(args: TrainArguments, config_overrides: dict) -> Run:
     check_launcher()
     check_run_flags(args.output_dir, args.checkpoints_to_keep, args.overwrite_output_dir, resume)
     accelerator = make_accelerator(args)
+    check_processes(args, accelerator)
     set_seed(args.seed)
     # 2. Data: every task's few-shot sets, checked.
     tasks = load_run_tasks(args)
@@ -115,6 +119,16 @@ def check_launcher() -> None:
             )
 
 
+def check_processes(args: TrainArguments, accelerator: Accelerator) -> None:
+    """A lora run counts CLIP-LoRA's iterations of one batch on one device; several processes would each draw the
+    same stream (no sharding of it is defined), so they are refused before any work."""
+    if args.method == "lora" and accelerator.num_processes > 1:
+        raise UserInputError(
+            f"--method lora runs on one process (CLIP-LoRA's iterations are one device's batches); this launch has "
+            f"{accelerator.num_processes}: run `dpt-peft train` without accelerate launch --multi_gpu."
+        )
+
+
 def make_accelerator(args: TrainArguments) -> Accelerator:
     """The run's processes, precision, gradient accumulation and trackers; a tracker or precision asked for that this
     machine cannot give is said once (Accelerate drops it quietly)."""
@@ -159,10 +173,15 @@ def load_run_tasks(args: TrainArguments) -> dict[str, FewShotData]:
     return tasks
 
 
-def run_identity(args: TrainArguments, config_overrides: dict, tasks: dict[str, FewShotData]) -> tuple[DPTConfig, dict]:
-    """The run's DPTConfig and identity (its arguments, config and data fingerprint, as run.json records them)."""
+def run_identity(
+    args: TrainArguments, config_overrides: dict, tasks: dict[str, FewShotData]
+) -> tuple[DPTConfig | LoraClassifierConfig, dict]:
+    """The run's DPTConfig (a lora run's classifier) and identity (its arguments, config and data fingerprint, as
+    run.json records them)."""
     class_names = {name: data.class_names for name, data in tasks.items()} if len(tasks) > 1 else None
     class_names = class_names or next(iter(tasks.values())).class_names
+    if args.method == "lora":
+        return lora_identity(args, config_overrides, tasks, class_names)
     config = DPTConfig.for_method(args.method, class_names=class_names, **config_overrides)
     identity = {
         **args.run_identity(config),
@@ -171,19 +190,51 @@ def run_identity(args: TrainArguments, config_overrides: dict, tasks: dict[str, 
     return config, normalized(identity)
 
 
+def lora_identity(
+    args: TrainArguments, config_overrides: dict, tasks: dict[str, FewShotData], class_names: list[str]
+) -> tuple[LoraClassifierConfig, dict]:
+    """A lora run's classifier (CLIP-LoRA's template and logit scale) and identity. A DPTConfig flag given with it is
+    refused: it would have no effect (the values a run adds on its own, a shipped model's and a CoOp template, are
+    not the user's)."""
+    added = args.config_overrides({})
+    given = next((name for name, value in config_overrides.items() if added.get(name, object()) != value), None)
+    if given is not None:
+        hint = " (--lora_template is the classifier's prompt)" if given == "zero_shot_template" else ""
+        raise UserInputError(f"--{given} is a DPTConfig setting; a --method lora run has no use for it{hint}.")
+    recipe = args.recipe
+    classifier = LoraClassifierConfig(class_names, template=recipe.template, logit_scale=recipe.logit_scale)
+    identity = {
+        **args.run_identity(None),
+        "class_names": class_names,
+        "data_fingerprint": data_fingerprint(tasks, args.image_column, args.label_column),
+    }
+    return classifier, normalized(identity)
+
+
 # ---------------------------------------------------------------------------------------------- 5. model
 
 
 def build_model(
-    args: TrainArguments, config: DPTConfig, tasks: dict[str, FewShotData], *, from_prototypes: bool
+    args: TrainArguments,
+    config: DPTConfig | LoraClassifierConfig,
+    tasks: dict[str, FewShotData],
+    *,
+    from_prototypes: bool,
 ) -> tuple[PeftModel, object]:
     """The base model and its image processor, with the DPT adapter of `config` (the last refusals: a base model
-    that does not load, a config it does not fit). With --visual_prompt_init prototype and `from_prototypes` (no
-    checkpoint to restore), the visual prompts start from the training images' tokens."""
+    that does not load, a config it does not fit), or for a lora run PEFT's LoRA of the recipe and its classifier.
+    With --visual_prompt_init prototype and `from_prototypes` (no checkpoint to restore), the visual prompts start
+    from the training images' tokens."""
     base = load_base_model(args.model_name_or_path, attn_implementation=args.attn_implementation)
     processor = load_image_processor(args.model_name_or_path)
     if args.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if isinstance(config, LoraClassifierConfig):
+        recipe = args.recipe
+        settings = {"encoder": recipe.encoder, "layers": recipe.layers, "targets": recipe.targets}
+        lora = clip_lora_config(base, r=recipe.r, alpha=recipe.alpha, dropout=recipe.dropout, **settings)
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        return LoraClassifier(base, lora, classifier=config, tokenizer=tokenizer), processor
     model = get_peft_model(base, config)
     if config.visual_prompt_init == "prototype" and from_prototypes:
         batcher = ImageBatcher(processor, args.image_column, args.label_column)
@@ -242,19 +293,25 @@ def build_run_loaders(
         processes=accelerator.num_processes,
     )
     loaders = build_loaders(tasks, processor, spec, main_process_first=accelerator.main_process_first)
+    if args.method == "lora":  # CLIP-LoRA's iterations, cut into the loop's epochs (lora_schedule.py)
+        use_iteration_stream(loaders, args.batch_size, args.recipe.iterations_per_epoch, args.seed)
     loaders.prepare(accelerator.prepare)
     return loaders
 
 
 def build_optimization(
-    args: TrainArguments, recipe: Recipe, model: PeftModel, loaders: RunLoaders, accelerator: Accelerator
+    args: TrainArguments, recipe: Recipe | LoraRecipe, model: PeftModel, loaders: RunLoaders, accelerator: Accelerator
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int]:
     """The prepared model and optimizer, the scheduler and the optimizer steps of an epoch. The scheduler is stepped
-    once per optimizer update by the loop (not prepared: Accelerate would step it once per process)."""
-    optimizer = build_optimizer(model, recipe)
+    once per optimizer update by the loop (not prepared: Accelerate would step it once per process): DPT's warm-up
+    and restarted cosine, or CLIP-LoRA's cosine over every update of the run."""
+    lora = isinstance(recipe, LoraRecipe)
+    optimizer = build_lora_optimizer(model, recipe) if lora else build_optimizer(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
     batches_per_epoch = sum(len(loader) for loader in loaders.train.values())
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if lora:
+        return model, optimizer, build_lora_scheduler(optimizer, recipe, steps_per_epoch * args.epochs), steps_per_epoch
     return model, optimizer, build_scheduler(optimizer, recipe, steps_per_epoch), steps_per_epoch
 
 

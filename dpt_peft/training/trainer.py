@@ -19,8 +19,12 @@ from ..data.loaders import scheduled_batches, task_schedule
 from ..utils.errors import UserInputError
 from ..utils.seeding import seed_for
 from .arguments import TrainArguments
+from .checkpoint_files import CheckpointError
+from .linear_probe import METHOD as METHOD_LINEAR_PROBE
+from .linear_probe import train_linear_probe
+from .prompt_averaging import PromptAverage, epoch_weights
 from .report import report, validate
-from .run_layout import ADAPTER_DIR, checkpoint_dirs
+from .run_layout import ADAPTER_DIR, PROMPT_AVERAGE_TENSORS, checkpoint_dirs
 from .run_state import Run
 from .setup import setup
 
@@ -42,11 +46,14 @@ def train(args: TrainArguments, config_overrides: dict | None = None) -> dict:
     Python call trains as the command does. With several tasks (`--tasks`), each batch comes from one task and is
     classified within that task's classes; metrics are reported per task and as their unweighted mean.
     """
+    if args.method == METHOD_LINEAR_PROBE:  # no prompts and no loop: fitted on frozen features (linear_probe.py)
+        return train_linear_probe(args, args.config_overrides(config_overrides or {}))
     start = time.time()
     if args.push_to_hub:
         check_push_target(args.hub_repo_id)
     run = setup(args, args.config_overrides(config_overrides or {}))  # idempotent: the CLI's are already applied
     try:
+        run.prompt_average = run.checkpointer.prompt_average = start_prompt_average(run)
         for epoch in range(run.state.epochs_done, args.epochs):
             train_epoch(run, epoch)
         metrics = report(run, time.time() - start)
@@ -91,6 +98,23 @@ def push_adapter(model: torch.nn.Module, repo_id: str, saved: Path) -> None:
     logger.warning("Pushed the adapter to https://huggingface.co/%s", repo_id)
 
 
+def start_prompt_average(run: Run) -> PromptAverage | None:
+    """--prompt_averaging gaussian: an empty running average, or the one the resumed checkpoint holds."""
+    args = run.args
+    if args.prompt_averaging != "gaussian":
+        return None
+    weights = epoch_weights(args.epochs, args.prompt_averaging_mean, args.prompt_averaging_std)
+    if run.state.epochs_done == 0:
+        return PromptAverage(weights)
+    saved = run.checkpointer.restored_prompt_average
+    if saved is None:
+        raise CheckpointError(
+            f"The checkpoint of epoch {run.state.epochs_done - 1} holds no prompt average ({PROMPT_AVERAGE_TENSORS}); "
+            "resume with the arguments of the run that wrote it."
+        )
+    return PromptAverage.from_tensors(weights, saved)
+
+
 def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
@@ -107,6 +131,7 @@ def train_epoch(run: Run, epoch: int) -> None:
         loader.set_epoch(epoch)
     run.model.train()
     losses, grad_norms, correct, seen = [], [], 0, 0
+    term_sums: dict[str, float] = {}  # the named parts of the loss (DPTOutput.loss_terms), summed over batches
     for task, batch in scheduled_batches(run.loaders.train, schedule):
         if batch is None:  # no image of it was readable
             continue
@@ -123,10 +148,16 @@ def train_epoch(run: Run, epoch: int) -> None:
             state.global_step += 1
             run.progress.update(1)
         losses.append(output.loss.item())
+        for key, term in (getattr(output, "loss_terms", None) or {}).items():
+            term_sums[key] = term_sums.get(key, 0.0) + float(term.detach())
         correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
         seen += len(batch["labels"])
         run.progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}", acc=f"{correct / seen:.2f}", refresh=False)
     check_parameters(run, epoch)
+    if run.prompt_average is not None:  # after the epoch's last update, as PromptSRC
+        parameters = accelerator.unwrap_model(run.model).adapter_parameters()
+        run.prompt_average.add(epoch, {key: parameter for key, (_, parameter) in parameters.items()})
+    loss_terms = epoch_loss_terms(accelerator, term_sums, len(losses))
     loss_sum, batches, correct, seen = epoch_totals(accelerator, sum(losses), len(losses), correct, seen)
     state.train_images += seen
     state.train_seconds += time.time() - epoch_start
@@ -138,7 +169,10 @@ def train_epoch(run: Run, epoch: int) -> None:
         "guidance": guidance,
         "lr": run.scheduler.get_last_lr(),
     }
+    if loss_terms:
+        record["loss_terms"] = loss_terms
     logged = {"train/loss": record["loss"], "train/accuracy": record["train_accuracy"]}
+    logged.update({f"train/{key}": value for key, value in loss_terms.items()})
     if grad_norms:
         logged["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
     for group, lr in zip(run.optimizer.param_groups, record["lr"]):
@@ -163,6 +197,19 @@ def epoch_totals(accelerator, loss_sum: float, batches: int, correct: int, seen:
     return loss_sum, int(batches), int(correct), int(seen)
 
 
+def epoch_loss_terms(accelerator, sums: dict[str, float], batches: int) -> dict[str, float]:
+    """Each named part of the loss, averaged over the epoch's batches of every process (as the loss); none when the
+    model reports none. The keys are the config's, the same on every process."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    totals = torch.tensor([*(sums[key] for key in keys), batches], dtype=torch.float32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    *values, count = totals.tolist()
+    return {key: value / max(count, 1) for key, value in zip(keys, values)}
+
+
 def _last_checkpoint(run: Run) -> str:
     found = checkpoint_dirs(run.run_dir.path)
     return f"the last checkpoint, {found[-1]}, is kept" if found else "no checkpoint had been written yet"
@@ -180,7 +227,7 @@ def check_loss(run: Run, loss: torch.Tensor, epoch: int, step: int) -> None:
     raise TrainingDivergedError(
         f"Training diverged: the loss is {value} in epoch {epoch} (0-based, as in history.json), optimizer step "
         f"{step}. The run stopped without saving this epoch; {_last_checkpoint(run)}. Lower the learning rates "
-        f"(--visual_lr {run.args.visual_lr}, --text_lr {run.args.text_lr}) and train again in a new --output_dir "
+        f"({run.recipe.learning_rate_flags()}) and train again in a new --output_dir "
         "(or with --overwrite_output_dir)."
     )
 
@@ -193,6 +240,6 @@ def check_parameters(run: Run, epoch: int) -> None:
             raise TrainingDivergedError(
                 f"Training diverged: prompt parameter {key} became NaN or infinite in epoch {epoch} (0-based), by "
                 f"optimizer step {run.state.global_step} at the latest. The run stopped without saving this epoch; "
-                f"{_last_checkpoint(run)}. Lower the learning rates (--visual_lr {run.args.visual_lr}, --text_lr "
-                f"{run.args.text_lr}) and train again in a new --output_dir (or with --overwrite_output_dir)."
+                f"{_last_checkpoint(run)}. Lower the learning rates ({run.recipe.learning_rate_flags()}) and train "
+                "again in a new --output_dir (or with --overwrite_output_dir)."
             )

@@ -86,7 +86,7 @@ def plot_ablation(results: dict[str, list[float]], labels: dict[str, str], path:
     names = [labels[k] for k in results]
     means = [100 * statistics.mean(v) for v in results.values()]
     spreads = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in results.values()]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(names)), 3.5))  # room for every row's label
     axis.bar(names, means, yerr=spreads, capsize=4, color=["0.6", "tab:blue", "tab:orange", "tab:green", "tab:red"])
     for x, (mean, spread) in enumerate(zip(means, spreads)):
         axis.text(x, mean + spread + 1.5, f"{mean:.1f}", ha="center", fontsize=9)

@@ -21,6 +21,7 @@ from dpt_peft.cli.help_files import HELP_DIR, PYTHON_VERSION_FILE, REGENERATE, h
 from dpt_peft.cli.parsers import ablation_parser, evaluate_parser
 from dpt_peft.cli.train_args import DATA_FIELDS, build_parser, help_with_default, parse_args, parse_given_flags
 from dpt_peft.training.arguments import CONFIG_FLAGS, TrainArguments
+from dpt_peft.training.lora_arguments import LORA_FIELDS
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft", "dpt_peft")
@@ -148,7 +149,8 @@ def test_train_help_has_a_training_a_data_and_a_dptconfig_group():
     groups = {group.title: {action.dest for action in group._group_actions} for group in build_parser()._action_groups}
     fields = {f.name for f in dataclasses.fields(TrainArguments)}
     assert groups["data arguments"] == set(DATA_FIELDS)
-    assert groups["training arguments"] == fields - set(DATA_FIELDS)
+    assert groups["LoRA arguments (--method lora; defaults: CLIP-LoRA's recipe)"] == set(LORA_FIELDS)
+    assert groups["training arguments"] == fields - set(DATA_FIELDS) - set(LORA_FIELDS)
     assert groups["DPTConfig overrides (of the --method preset)"] == set(CONFIG_FLAGS)
 
 

@@ -146,7 +146,7 @@ def test_aggregation_is_coop_and_cocoop_exact():
     hm_of_averages = 2 * average_base * average_new / (average_base + average_new)
     assert by[("average", "harmonic_mean")]["mean"] == pytest.approx(hm_of_averages)
     table = "\n".join(markdown_table("base_to_new", rows, confidence_interval=True))
-    assert "| eurosat | dpt | 16 | 85.00 ± 5.00 [± 6.93] | 60.00 ± 10.00 [± 13.86] | 70.34 | 1 | 3 |" in table
+    assert "| eurosat | dpt | 16 | 85.00 ± 5.00 [± 6.93] | 60.00 ± 10.00 [± 13.86] | 70.34 | - | - | 1 | 3 |" in table
     assert "**average of 2 datasets**" in table
 
 

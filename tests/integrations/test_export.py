@@ -181,6 +181,23 @@ def test_a_program_without_cavpt_and_with_class_specific_contexts_equals_the_ada
     assert not [name for name in program.state_dict if "text_model" in name]  # the class side is in buffers
 
 
+@pytest.mark.parametrize("method", ["dpt", "coop"])
+def test_an_adapter_with_a_zero_shot_ensemble_is_served_with_it(clip_path, pixel_values, method):
+    """The program's logits are the ensemble's, as `evaluate` and `predict` score the adapter: the log of the mixed
+    probabilities (CAVPT's frozen pass reused; without CAVPT a frozen pass of its own)."""
+    config = DPTConfig.for_method(method, class_names=CLASS_NAMES, zero_shot_ensemble=0.5)
+    torch.manual_seed(0)
+    model = get_peft_model(CLIPModel.from_pretrained(clip_path), config).eval()
+    program = export_program(ServingClassifier(model), pixel_values)
+    with torch.no_grad():
+        served = program.module()(pixel_values)
+        model.set_zero_shot_ensemble(None)
+        own = model(pixel_values=pixel_values, output_zero_shot_logits=True)
+    mixed = (0.5 * own.logits.softmax(-1) + 0.5 * own.zero_shot_logits.softmax(-1)).log()
+    torch.testing.assert_close(served, mixed, rtol=0, atol=1e-5)
+    assert not torch.allclose(served, own.logits, atol=1e-3)
+
+
 def test_a_tiny_siglip_exports_to_onnx(tmp_path):
     base = save_tiny_siglip(tmp_path / "siglip", pad_token="</s>")
     adapter = saved_adapter(SiglipModel.from_pretrained(base), tmp_path / "adapter")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLASS_NAMES
+from helpers import CLASS_NAMES, killed_after_epoch
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import CLIPModel
@@ -27,7 +27,6 @@ import dpt_peft.training.setup as training_setup
 from dpt_peft import DPTConfig
 from dpt_peft.cli import main, train_main
 from dpt_peft.training.checkpoint_files import CheckpointError, verify_checkpoint
-from dpt_peft.training.checkpoints import Checkpointer
 from dpt_peft.training.run_dir import own_entries
 from dpt_peft.training.run_layout import LOCK_FILE
 from dpt_peft.training.run_lock import check_lock
@@ -83,15 +82,7 @@ class MakesFile:
 def killed_run(tmp_path_factory) -> tuple[Path, Path]:
     """A 3-epoch run killed after epoch 1 (checkpoints epoch_0 and epoch_1), and a pristine copy of it."""
     directory = tmp_path_factory.mktemp("killed") / "run"
-    original = Checkpointer.save
-
-    def save_then_die(checkpointer, state, identity):
-        original(checkpointer, state, identity)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
-
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(Checkpointer, "save", save_then_die)
+    with killed_after_epoch(1):
         run(directory, "--epochs", "3")
     pristine = directory.with_name("pristine")
     shutil.copytree(directory, pristine)

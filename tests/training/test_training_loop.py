@@ -12,13 +12,13 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from helpers import killed_after_epoch
 from PIL import Image
 from safetensors.torch import load_file
 
 from dpt_peft.cli import evaluate_main, parse_args, train_main
 from dpt_peft.metrics import ACCURACY_PATH
 from dpt_peft.toy.shapes import POSITIONS
-from dpt_peft.training.checkpoints import Checkpointer
 from dpt_peft.training.recipe import recipe_lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,19 +78,10 @@ def test_base_to_new_evaluates_a_base_adapter_on_unseen_classes(tmp_path):
     )
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
     run(tmp_path / "straight")
-    original = Checkpointer.save
-
-    def save_then_die(checkpointer, state, identity):
-        original(checkpointer, state, identity)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_epoch(1):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(Checkpointer, "save", original)
     checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert checkpoints == ["epoch_0", "epoch_1"]  # complete checkpoints only, no .partial left
     run(tmp_path / "resumed", "--resume_from_checkpoint", "latest")

@@ -133,6 +133,9 @@ def test_each_base_model_has_its_own_default_run_folder():
         "outputs/dpt-clip-vit-base-patch16"
     )
     assert TrainArguments(output_dir="mine").output_dir == "mine"
+    assert TrainArguments(method="lora").output_dir == "outputs/lora-toy"  # another kind of adapter, its own folder
+    assert TrainArguments(method="linear_probe").output_dir == "outputs/linear-probe-toy"
+    assert TrainArguments(method="coop").output_dir == "outputs/dpt-toy"
 
 
 def test_a_learning_rate_beyond_float32_is_refused_before_the_run():
