@@ -123,18 +123,20 @@ def build_template_ids(
     template: str,
     max_length: int,
     pad_to: int | None = None,
+    field: str = "zero_shot_template",
 ) -> torch.Tensor:
-    """Token ids of hand-crafted prompts such as `"a photo of a {name}."`, cut after the longest EOT."""
+    """Token ids of hand-crafted prompts such as `"a photo of a {name}."`, cut after the longest EOT; a refusal names
+    `field`, the config field the template came from."""
     rows = []
     for name in class_names:
         text = template.format(normalize_class_name(name))
         text_ids = _encode(tokenizer, text)
-        _check_name_ids(prompt_format, name, text_ids, "zero_shot_template")
+        _check_name_ids(prompt_format, name, text_ids, field)
         ids = _framed(prompt_format, text_ids)
         if len(ids) > max_length:
             raise UserInputError(
                 f"The zero-shot prompt {text!r} for class {name!r} is {len(ids)} tokens long, more than the text "
-                f"encoder's context of {max_length}; shorten the class name or zero_shot_template."
+                f"encoder's context of {max_length}; shorten the class name or {field}."
             )
         rows.append(ids)
     return _pad(rows, prompt_format.pad_id, pad_to or max(len(row) for row in rows))

@@ -101,4 +101,5 @@ def consistency_template_ids(
 ) -> list[torch.Tensor]:
     """Token ids `[C, T]` of every class in each template, framed and padded as the zero-shot classifier's."""
     pad_to = max_length if pad_to_context or prompt_format.pad_to_context else None
-    return [build_template_ids(tokenizer, prompt_format, class_names, t, max_length, pad_to) for t in templates]
+    field = "consistency_templates"
+    return [build_template_ids(tokenizer, prompt_format, class_names, t, max_length, pad_to, field) for t in templates]

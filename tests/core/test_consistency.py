@@ -152,3 +152,10 @@ def test_the_train_flag_takes_three_weights():
     assert DPTConfig(class_names=CLASSES, **config).consistency_weights == WEIGHTS
     with pytest.raises(SystemExit):
         parse_args(["--consistency_weights", "10", "25"])
+
+
+def test_a_template_longer_than_the_context_is_refused_naming_consistency_templates(clip_path, pixel_values, labels):
+    too_long = "a photo of the " * 40 + "{}."
+    model = adapted(clip_path, consistency_weights=WEIGHTS, consistency_templates=[too_long])
+    with pytest.raises(UserInputError, match="shorten the class name or consistency_templates"):
+        model(pixel_values=pixel_values, labels=labels)
