@@ -27,7 +27,6 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 
-from ..class_names import display_names
 from ..config import DPTConfig
 from ..data.batching import SkipCounter, undecoded
 from ..data.catalog import MAX_VAL_SHOTS
@@ -38,14 +37,13 @@ from ..sources import TOY_CLIP_ID
 from ..utils.errors import UserInputError
 from ..utils.seeding import seed_for
 from .arguments import TrainArguments
-from .evaluation import accuracy_metrics
 from .linear_probe_model import (
     FEATURES,
     PROBE_FORMAT,
     FeatureSpec,
     FrozenFeatures,
     SplitFeatures,
-    probe_logits,
+    probe_split_metrics,
     probe_tensors,
     save_probe,
     shipped_fit,
@@ -247,21 +245,11 @@ def probe_metrics(
     train_seconds: float,
 ) -> dict:
     """metrics.json of a probe run: the keys of a DPT run's (those of its training loop null), then the search."""
-    names = display_names(data.class_names)
-    predictions = probe_logits(tensors, test.features).argmax(-1)
-    probe = accuracy_metrics(predictions, test.labels, len(names))
-    frozen = accuracy_metrics(test.zero_shot_predictions, test.labels, len(names))
     return {
         "method": METHOD,
-        "zero_shot_accuracy": frozen["accuracy"],
-        "accuracy": probe["accuracy"],
-        "zero_shot_mean_per_class_accuracy": frozen["mean_per_class_accuracy"],
-        "mean_per_class_accuracy": probe["mean_per_class_accuracy"],
-        "per_class_accuracy": dict(zip(names, probe["per_class_accuracy"])),
-        "num_images": int(len(test.labels)),
+        **probe_split_metrics(tensors, test, data.class_names, len(skips)).to_dict(),
         "trainable_parameters": int(tensors["weight"].size + tensors["bias"].size),
         "num_train_images": len(data.train),
-        "skipped_images": len(skips),
         "epochs": None,
         "steps": None,
         "train_seconds": train_seconds,  # the training and validation features, and the search

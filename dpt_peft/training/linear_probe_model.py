@@ -26,7 +26,7 @@ from ..sources import TOY_CLIP_ID, load_base_model, load_image_processor
 from ..utils.errors import UserInputError
 from ..utils.write_policy import OutputFolder
 from .arguments import SHIPPED_CONFIG_DEFAULTS
-from .evaluation import EVAL_REPORTS, EvaluationSpec, accuracy_metrics, write_evaluation_report
+from .evaluation import EVAL_REPORTS, EvaluationSpec, SplitMetrics, accuracy_metrics, write_evaluation_report
 from .run_dir import RunDir
 
 PROBE_DIR = "probe"  # in the run's --output_dir: the weights and what they classify
@@ -200,23 +200,32 @@ def evaluate_linear_probe(spec: EvaluationSpec, output_dir: str, *, overwrite_ou
     split = undecoded(spec.split, spec.image_column)
     scored = frozen.of(split)
     chosen = {"weight": tensors["weight"][rows], "bias": tensors["bias"][rows]}
-    names = display_names(spec.class_names)
-    probe = accuracy_metrics(probe_logits(chosen, scored.features).argmax(-1), scored.labels, len(names))
-    zero_shot = accuracy_metrics(scored.zero_shot_predictions, scored.labels, len(names))
     report = {
         "adapter": str(spec.adapter),
         "method": record["method"],
         "zero_shot_template": template,
         "zero_shot_ensemble": None,
-        "zero_shot_accuracy": zero_shot["accuracy"],
-        "accuracy": probe["accuracy"],
-        "zero_shot_mean_per_class_accuracy": zero_shot["mean_per_class_accuracy"],
-        "mean_per_class_accuracy": probe["mean_per_class_accuracy"],
-        "per_class_accuracy": dict(zip(names, probe["per_class_accuracy"])),
-        "num_images": int(len(scored.labels)),
-        "skipped_images": len(frozen.skips),
+        **probe_split_metrics(chosen, scored, spec.class_names, len(frozen.skips)).to_dict(),
         "missing_images": missing_images(split),
     }
     if PartialState().is_main_process:
         write_evaluation_report(report, reports)
     return report
+
+
+def probe_split_metrics(
+    tensors: dict[str, np.ndarray], scored: SplitFeatures, class_names: list[str], skipped_images: int
+) -> SplitMetrics:
+    """The probe's and the zero-shot classifier's numbers on one split, in the result shape of every evaluation."""
+    names = display_names(class_names)
+    probe = accuracy_metrics(probe_logits(tensors, scored.features).argmax(-1), scored.labels, len(names))
+    zero_shot = accuracy_metrics(scored.zero_shot_predictions, scored.labels, len(names))
+    return SplitMetrics(
+        zero_shot_accuracy=zero_shot["accuracy"],
+        accuracy=probe["accuracy"],
+        zero_shot_mean_per_class_accuracy=zero_shot["mean_per_class_accuracy"],
+        mean_per_class_accuracy=probe["mean_per_class_accuracy"],
+        per_class_accuracy=dict(zip(names, probe["per_class_accuracy"])),
+        num_images=int(len(scored.labels)),
+        skipped_images=skipped_images,
+    )
