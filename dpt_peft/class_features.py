@@ -22,6 +22,7 @@ from .consistency import consistency_on, consistency_template_ids
 from .label_space import LabelSpaces
 from .layer import ForwardContextSlot, TextContextEmbeddings
 from .shared_prefix import encode_with_shared_prefix, shared_prefix_length, usable_prefix_length
+from .utils.stamped_cache import StampedCache
 
 
 class ClassFeatures:
@@ -30,7 +31,7 @@ class ClassFeatures:
     def __init__(self, backbone: Backbone, slot: ForwardContextSlot) -> None:
         self._backbone = backbone
         self._slot = slot
-        self._entries: dict[tuple, tuple[Hashable, torch.Tensor]] = {}
+        self._cache = StampedCache()
 
     def text_context(self, adapter_name: str) -> nn.Parameter | None:
         """The learned context of an adapter (`[n_ctx, E]` or `[C, n_ctx, E]`), or None when it learns none."""
@@ -46,10 +47,9 @@ class ClassFeatures:
         if classes.prompt_layout is None or context is None or self._backbone.text_embeddings.disable_adapters:
             return self.zero_shot(adapter_name, config, classes)
         layout = classes.prompt_layout
-        stamp = (*self._stamp(), context._version, context.data_ptr())
         return self._cached(
             (adapter_name, classes.names, "learned"),
-            stamp,
+            lambda: (*self._stamp(), context._version, context.data_ptr()),
             lambda: self.encode_text(layout.input_ids, layout, adapter_name, config.text_encoding),
             config.cache_class_features,
         )
@@ -63,7 +63,7 @@ class ClassFeatures:
 
         key = (adapter_name, classes.names, "zero_shot")
         with torch.no_grad():
-            return self._cached(key, self._stamp(), compute, config.cache_class_features)
+            return self._cached(key, self._stamp, compute, config.cache_class_features)
 
     def consistency_targets(
         self, adapter_name: str, config: DPTConfig, classes: TaskClasses, label_spaces: LabelSpaces
@@ -92,7 +92,7 @@ class ClassFeatures:
 
         key = (adapter_name, classes.names, "consistency", tuple(config.consistency_templates))
         with torch.no_grad():
-            return self._cached(key, self._stamp(), compute, config.cache_class_features)
+            return self._cached(key, self._stamp, compute, config.cache_class_features)
 
     def encode_text(
         self, input_ids: torch.Tensor, layout: PromptLayout | None, adapter_name: str, text_encoding: str
@@ -124,21 +124,15 @@ class ClassFeatures:
 
     def clear(self, adapter_name: str | None = None) -> None:
         """Forget one adapter's features (its prompts or class names changed), or all of them."""
-        for key in [k for k in self._entries if adapter_name is None or k[0] == adapter_name]:
-            del self._entries[key]
+        self._cache.forget(lambda key: adapter_name is None or key[0] == adapter_name)
 
     def _stamp(self) -> tuple:
         """What class features depend on besides the prompts: where and in which precision they were computed."""
         weight = self._backbone.text_parameter
         return (weight.device, weight.dtype, torch.is_autocast_enabled(weight.device.type))
 
-    def _cached(self, key: tuple, stamp: Hashable, compute: Callable[[], torch.Tensor], enabled: bool) -> torch.Tensor:
-        """`compute()`, or its result kept under `key` while `stamp` is unchanged and no gradient is needed."""
-        if torch.is_grad_enabled() or not enabled:
-            return compute()
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        features = compute()
-        self._entries[key] = (stamp, features)
-        return features
+    def _cached(
+        self, key: tuple, stamp: Callable[[], Hashable], compute: Callable[[], torch.Tensor], enabled: bool
+    ) -> torch.Tensor:
+        """`compute()`, or its result kept under `key` while `stamp()` is unchanged and no gradient is needed."""
+        return self._cache.get(key, stamp, compute) if enabled else compute()

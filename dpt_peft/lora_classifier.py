@@ -38,6 +38,7 @@ from .lora_adapter import CLASSIFIER_CONFIG_FILE, LoraClassifierConfig, lora_mod
 from .outputs import DPTOutput
 from .utils.durable import plain_file_mode
 from .utils.errors import InputTypeError, UserInputError
+from .utils.stamped_cache import StampedCache
 from .utils.write_policy import atomic_write_bytes
 
 IGNORED_FORWARD_ARGUMENTS = {"return_dict", "return_loss"}  # passed by generic training loops (Trainer)
@@ -67,7 +68,7 @@ class LoraClassifier(PeftModel):
         self.lora_backbone: Backbone = backbone_for(model)
         self.classifier: LoraClassifierConfig | None = None
         self.lora_tokenizer: PreTrainedTokenizerBase | None = None
-        self._features: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # cached class features, by (kind, classes)
+        self._features = StampedCache()  # class features, by (kind, classes)
         if classifier is not None:
             self.attach_classifier(classifier, tokenizer)
 
@@ -146,7 +147,7 @@ class LoraClassifier(PeftModel):
         self.lora_tokenizer = tokenizer
         self.template_ids(classifier.class_names, classifier.template)  # every name checked before it is kept
         self.classifier = classifier
-        self._features.clear()
+        self._features.forget()
 
     # ------------------------------------------------------------------ the forward
     def forward(
@@ -252,11 +253,12 @@ class LoraClassifier(PeftModel):
     def _cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`compute()`, kept while no gradient is needed and the text tower's weights (LoRA matrices, a merge),
         the template, device, dtype and autocast are what they were."""
-        if torch.is_grad_enabled():
-            return compute()
+        return self._features.get(key, self._text_stamp, compute)
+
+    def _text_stamp(self) -> tuple:
         weight = self.lora_backbone.text_parameter
         layers = self.lora_backbone.text_layers
-        stamp = (
+        return (
             self.classifier.template,
             self.active_adapter,
             weight.device,
@@ -265,12 +267,6 @@ class LoraClassifier(PeftModel):
             tuple((p._version, p.data_ptr()) for p in layers.parameters()),
             tuple(getattr(m, "disable_adapters", False) for m in layers.modules() if hasattr(m, "lora_A")),
         )
-        hit = self._features.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        features = compute()
-        self._features[key] = (stamp, features)
-        return features
 
     # ------------------------------------------------------------------ the tools' seam (as DPTPeftModel's)
     @property
@@ -315,7 +311,7 @@ class LoraClassifier(PeftModel):
         changed.peft_config = self.classifier.peft_config
         self.template_ids(changed.class_names, changed.template)
         self.classifier = changed
-        self._features.clear()
+        self._features.forget()
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(

@@ -64,17 +64,25 @@ def evaluate_split(
     model's classes of `task`. `frozen_features`: see `_predict`."""
     skipped_before = len(loader.skips)
     predictions, zero_shot, labels = _predict(model, loader, accelerator, task, frozen_features)
-    class_names = display_names(accelerator.unwrap_model(model).class_names(task))
-    trained = accuracy_metrics(predictions, labels, len(class_names))
-    frozen = accuracy_metrics(zero_shot, labels, len(class_names))
+    class_names = accelerator.unwrap_model(model).class_names(task)
+    return split_metrics(predictions, zero_shot, labels, class_names, len(loader.skips) - skipped_before)
+
+
+def split_metrics(
+    predictions: np.ndarray, zero_shot: np.ndarray, labels: np.ndarray, class_names: list[str], skipped_images: int
+) -> SplitMetrics:
+    """The adapter's (`predictions`) and the zero-shot classifier's numbers on one split, per class by name."""
+    names = display_names(class_names)
+    trained = accuracy_metrics(predictions, labels, len(names))
+    frozen = accuracy_metrics(zero_shot, labels, len(names))
     return SplitMetrics(
         zero_shot_accuracy=frozen["accuracy"],
         accuracy=trained["accuracy"],
         zero_shot_mean_per_class_accuracy=frozen["mean_per_class_accuracy"],
         mean_per_class_accuracy=trained["mean_per_class_accuracy"],
-        per_class_accuracy=dict(zip(class_names, trained["per_class_accuracy"])),
+        per_class_accuracy=dict(zip(names, trained["per_class_accuracy"])),
         num_images=len(labels),
-        skipped_images=len(loader.skips) - skipped_before,
+        skipped_images=skipped_images,
     )
 
 

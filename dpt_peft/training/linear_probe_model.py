@@ -17,7 +17,6 @@ from peft import get_peft_model
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader
 
-from ..class_names import display_names
 from ..config import DPTConfig
 from ..data.batching import ReportingImageBatcher, SkipCounter, undecoded
 from ..data.coop_readers import missing_images
@@ -26,7 +25,13 @@ from ..sources import TOY_CLIP_ID, load_base_model, load_image_processor
 from ..utils.errors import UserInputError
 from ..utils.write_policy import OutputFolder
 from .arguments import SHIPPED_CONFIG_DEFAULTS
-from .evaluation import EVAL_REPORTS, EvaluationSpec, SplitMetrics, accuracy_metrics, write_evaluation_report
+from .evaluation import (
+    EVAL_REPORTS,
+    EvaluationSpec,
+    SplitMetrics,
+    split_metrics,
+    write_evaluation_report,
+)
 from .run_dir import RunDir
 
 PROBE_DIR = "probe"  # in the run's --output_dir: the weights and what they classify
@@ -217,15 +222,5 @@ def probe_split_metrics(
     tensors: dict[str, np.ndarray], scored: SplitFeatures, class_names: list[str], skipped_images: int
 ) -> SplitMetrics:
     """The probe's and the zero-shot classifier's numbers on one split, in the result shape of every evaluation."""
-    names = display_names(class_names)
-    probe = accuracy_metrics(probe_logits(tensors, scored.features).argmax(-1), scored.labels, len(names))
-    zero_shot = accuracy_metrics(scored.zero_shot_predictions, scored.labels, len(names))
-    return SplitMetrics(
-        zero_shot_accuracy=zero_shot["accuracy"],
-        accuracy=probe["accuracy"],
-        zero_shot_mean_per_class_accuracy=zero_shot["mean_per_class_accuracy"],
-        mean_per_class_accuracy=probe["mean_per_class_accuracy"],
-        per_class_accuracy=dict(zip(names, probe["per_class_accuracy"])),
-        num_images=int(len(scored.labels)),
-        skipped_images=skipped_images,
-    )
+    predictions = probe_logits(tensors, scored.features).argmax(-1)
+    return split_metrics(predictions, scored.zero_shot_predictions, scored.labels, class_names, skipped_images)

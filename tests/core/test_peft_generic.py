@@ -522,11 +522,8 @@ def test_adapter_dtype_autocast(clip_path, tmp_path, autocast_adapter_dtype, low
     assert all(p.dtype == expected_dtype for p in peft_params)
 
 
-@cases
-def test_only_params_are_updated(clip_path, config_kwargs):
-    """PEFT: TestPeftCustomModel.test_only_params_are_updated (SGD, lr 0.5, 3 steps)."""
-    model = get_peft_model(from_pretrained(clip_path), make_config(clip_path, config_kwargs))
-    model_before = copy.deepcopy(model)
+def train_three_sgd_steps(model) -> None:
+    """PEFT's training in these tests: SGD at lr 0.5, 3 steps on the same inputs."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     inputs = prepare_inputs_for_testing()
@@ -534,6 +531,14 @@ def test_only_params_are_updated(clip_path, config_kwargs):
         optimizer.zero_grad()
         model(**inputs).loss.backward()
         optimizer.step()
+
+
+@cases
+def test_only_params_are_updated(clip_path, config_kwargs):
+    """PEFT: TestPeftCustomModel.test_only_params_are_updated (SGD, lr 0.5, 3 steps)."""
+    model = get_peft_model(from_pretrained(clip_path), make_config(clip_path, config_kwargs))
+    model_before = copy.deepcopy(model)
+    train_three_sgd_steps(model)
     tol = 1e-4
     params_before = dict(model_before.named_parameters())
     params_after = dict(model.named_parameters())
@@ -570,13 +575,7 @@ def test_save_load_roundtrip(clip_path, config_kwargs, tmp_path):
 def test_parameters_after_loading_model(clip_path, config_kwargs, tmp_path):
     """PEFT: TestPeftCustomModel.test_parameters_after_loading_model (trained 3 SGD steps, then saved and loaded)."""
     model = get_peft_model(from_pretrained(clip_path), make_config(clip_path, config_kwargs))
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    inputs = prepare_inputs_for_testing()
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(**inputs).loss.backward()
-        optimizer.step()
+    train_three_sgd_steps(model)
     params_before = get_state_dict(model)
     model.save_pretrained(tmp_path)
     params_after = get_state_dict(PeftModel.from_pretrained(from_pretrained(clip_path), tmp_path))
